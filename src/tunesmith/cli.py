@@ -1,0 +1,193 @@
+"""The `tunesmith` command: a thin shell over the pipeline's functions.
+
+Each subcommand imports its stage lazily so that `--help` and `version` start fast.
+User errors print without a traceback (DESIGN §2.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from tunesmith import __version__
+from tunesmith.errors import UserError
+
+CONFIG_EPILOG = """\
+The config is a LLaMA-Factory-style YAML file; any key can be overridden after it as
+key=value, e.g.  tunesmith train cfg.yaml learning_rate=1e-5 max_steps=100
+`tunesmith train --keys` lists every key with its default and meaning."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.train import run_training
+
+    run_training(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.infer import chat_cli
+
+    return chat_cli(load_config(args.config, args.overrides), system=args.system)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.export import run_export
+
+    run_export(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from tunesmith.api import serve
+    from tunesmith.config import load_config
+
+    serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_webui(args: argparse.Namespace) -> int:
+    from tunesmith.ui import launch
+
+    launch(host=args.host, port=args.port)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from tunesmith import data
+
+    if args.data_cmd == "templates":
+        from tunesmith.template import TEMPLATES
+
+        for name in sorted(TEMPLATES):
+            print(name)
+        return 0
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.data_cmd == "preview":
+        data.preview(cfg, n=args.n, color=None if not args.no_color else False)
+    elif args.data_cmd == "dump":
+        data.dump(cfg, args.out)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from tunesmith.model import environment_report, provision_default_model
+
+    if args.provision:
+        print(provision_default_model())
+        return 0
+    print(environment_report())
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"tunesmith {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunesmith",
+        description="Supervised fine-tuning of language models: train, chat, export and serve.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with:  tunesmith train examples/demo_identity_lora.yaml\n"
+               "then:        tunesmith chat examples/demo_identity_lora.yaml",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, description: str,
+            epilog: str | None = CONFIG_EPILOG) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", cmd_train, "fine-tune a model (LoRA, freeze or full)",
+            "Fine-tune the model named in the config on its datasets. Writes checkpoints, logs and the\n"
+            "trained adapter or model into output_dir.")
+    _add_config_args(p)
+    p = add("chat", cmd_chat, "chat with a model or a trained adapter in the terminal",
+            "Interactive chat. Given the YAML a run was trained with, it loads that run's result.\n"
+            "Type 'clear' to start over, 'exit' to quit. With piped stdin: one message per line.")
+    _add_config_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p = add("export", cmd_export, "merge an adapter into its base and write a stand-alone model",
+            "Merge adapter(s) into the base model, write sharded safetensors to export_dir and verify\n"
+            "that plain transformers loads them with the same logits.")
+    _add_config_args(p)
+    p = add("api", cmd_api, "serve an OpenAI-compatible chat API",
+            "OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream or not).\n"
+            "Binds 127.0.0.1:8000 unless told otherwise; set API_KEY to require a Bearer token.")
+    _add_config_args(p)
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, env API_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000, env API_PORT)")
+    p = add("webui", cmd_webui, "train, watch, chat and export in the browser",
+            "A web page to configure and launch runs, watch the loss, chat and export.", epilog=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+
+    p = add("data", cmd_data, "inspect how datasets are rendered and masked",
+            "See exactly what training will see.", epilog=None)
+    dsub = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    dp = dsub.add_parser("preview", help="print rendered samples with the trained tokens marked",
+                         description="Print N rendered samples; trained tokens are coloured on a terminal,\n"
+                                     "[[bracketed]] when piped.", epilog=CONFIG_EPILOG, formatter_class=fmt)
+    _add_config_args(dp)
+    dp.add_argument("-n", type=int, default=3, help="number of samples (default 3)")
+    dp.add_argument("--no-color", action="store_true", help="mark trained tokens with brackets")
+    dd = dsub.add_parser("dump", help="write the token ids and labels of every sample as JSONL",
+                         description="One line per sample: source, input_ids, labels (-100 = not trained),\n"
+                                     "in dataset order.", epilog=CONFIG_EPILOG, formatter_class=fmt)
+    _add_config_args(dd)
+    dd.add_argument("--out", required=True, help="output .jsonl file")
+    dsub.add_parser("templates", help="list the named chat templates")
+
+    p = add("env", cmd_env, "versions, device and threads, for bug reports",
+            "Print library versions, the compute device and thread settings.", epilog=None)
+    p.add_argument("--provision", action="store_true", help="provision the default model and print its folder")
+    add("version", cmd_version, "print the version", "Print the tunesmith version.", epilog=None)
+    for name in ("train", "chat", "export", "api"):
+        sub.choices[name].add_argument("--keys", action="store_true", help="list every config key and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if any(a == "--keys" for a in argv):
+        from tunesmith.config import help_table
+
+        print("Config keys (YAML or key=value):" + help_table())
+        return 0
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("tunesmith."):
+            print(f"error: 'tunesmith {args.command}' is not built yet.", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

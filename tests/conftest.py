@@ -1,0 +1,59 @@
+"""Shared fixtures: the default model's real tokenizer and tiny random models built from a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from tunesmith.model import provision_default_model
+
+    return provision_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def build_tiny_model(folder: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0,
+                     tie: bool = True) -> Path:
+    """A random Llama with the default model's vocabulary and tokenizer, saved as a HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), default_model_dir)
+
+
+@pytest.fixture()
+def shared_data() -> Path:
+    if not (SHARED_DATA / "dataset_info.json").exists():
+        pytest.skip("shared data folder not found next to the repository")
+    return SHARED_DATA
