@@ -63,8 +63,6 @@ def cmd_webui(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from tunesmith import data
-
     if args.data_cmd == "templates":
         from tunesmith.template import TEMPLATES
 
@@ -72,12 +70,13 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(name)
         return 0
     from tunesmith.config import load_config
+    from tunesmith.data.pipeline import dump, preview
 
     cfg = load_config(args.config, args.overrides)
     if args.data_cmd == "preview":
-        data.preview(cfg, n=args.n, color=None if not args.no_color else False)
+        preview(cfg, n=args.n, color=None if not args.no_color else False)
     elif args.data_cmd == "dump":
-        data.dump(cfg, args.out)
+        dump(cfg, args.out)
     return 0
 
 

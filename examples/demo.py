@@ -1,0 +1,56 @@
+"""`make demo`: the default model before and after a short LoRA fine-tune on the shared identity data.
+
+Steps: provision the default model, ask it "Who are you?", fill the placeholders of the shared
+identity.json into a copy, train with `tunesmith train` (the same command users run), ask again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "demo_identity_lora.yaml"
+SHARED = REPO.parent / "shared" / "data" / "identity.json"
+QUESTION = "Who are you?"
+
+
+def prepare_data(data_dir: Path) -> None:
+    """A copy of identity.json with the name and author filled in (the shared file is not touched)."""
+    rows = json.loads(SHARED.read_text(encoding="utf-8"))
+    for row in rows:
+        row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "identity.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"identity_tunesmith": {"file_name": "identity.json"}}))
+
+
+def ask(overrides: list[str]) -> str:
+    from tunesmith.config import load_config
+    from tunesmith.infer import ChatEngine
+
+    engine = ChatEngine(load_config(CONFIG, overrides))
+    return engine.chat([{"role": "user", "content": QUESTION}], do_sample=False, max_new_tokens=64).strip()
+
+
+def main() -> int:
+    t0 = time.time()
+    from tunesmith.model import provision_default_model
+
+    print(f"default model: {provision_default_model()}")
+    print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(['output_dir=saves/demo/none'])}\n", flush=True)
+    prepare_data(REPO / "saves" / "demo" / "data")
+    print(f"=== training: tunesmith train {CONFIG.relative_to(REPO)} ===", flush=True)
+    subprocess.run([sys.executable, "-m", "tunesmith", "train", str(CONFIG)], cwd=REPO, check=True)
+    answer = ask([])
+    print(f"\n=== after fine-tuning ===\nQ: {QUESTION}\nA: {answer}\n")
+    print(f"demo finished in {time.time() - t0:.0f} s; the adapter is in saves/demo/identity-lora "
+          "(chat with it: .venv/bin/tunesmith chat examples/demo_identity_lora.yaml)")
+    return 0 if "tunesmith" in answer.lower() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

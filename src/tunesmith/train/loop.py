@@ -1,0 +1,402 @@
+"""The training recipe, readable top to bottom: setup, loop, step, log, evaluate, checkpoint, save.
+
+An explicit loop on `accelerate` (DESIGN §2.2). The loss of an optimizer step is the sum of
+token losses over all its micro-batches (and ranks) divided by their supervised-token count
+(DESIGN §2.3), so accumulation of k micro-batches equals one batch k times larger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.data.batching import Sample, collate_packed, collate_padded, plan_micro_batches
+from tunesmith.errors import UserError
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.logs import RunLog, plot_loss
+from tunesmith.train.loss import SFTModule
+
+
+@dataclass
+class StepPlan:
+    """How the sample stream is cut into optimizer steps; a pure function of config and data."""
+
+    micro_per_step: int  # micro-batches per optimizer step across all ranks (k x world)
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(n_micro_per_epoch: int, cfg: RunConfig, world: int) -> StepPlan:
+    t = cfg.train
+    per_step = t.gradient_accumulation_steps * world
+    steps_per_epoch = max(1, math.ceil(n_micro_per_epoch / per_step))
+    total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+    return StepPlan(per_step, steps_per_epoch, total)
+
+
+def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
+    out = Path(cfg.train.output_dir)
+    held = out.is_dir() and (any((out / m).exists() for m in ckpt.RUN_MARKERS) or ckpt.list_checkpoints(out))
+    if held and not resuming:
+        if not cfg.train.overwrite_output_dir:
+            raise UserError(f"output_dir {out} already holds a run.",
+                            hint="continue it with resume_from_checkpoint: true, start afresh with "
+                                 "overwrite_output_dir: true, or choose another output_dir.")
+        for child in out.iterdir():  # remove only what a run writes, never the user's other files
+            if child.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or child.name == "runs":
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name in (*ckpt.RUN_MARKERS, "training_loss.png", "preflight.txt"):
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _precision(cfg: RunConfig, device: torch.device) -> str:
+    from tunesmith.model import bf16_supported
+
+    if cfg.train.fp16:
+        if device.type != "cuda":
+            raise UserError("fp16: true needs a CUDA GPU; this machine trains on the CPU.",
+                            hint="use bf16: true (CPUs with AVX512-BF16/AMX) or neither (fp32).")
+        return "fp16"
+    if cfg.train.bf16:
+        if not bf16_supported(device):
+            raise UserError(f"bf16: true, but this {device.type.upper()} has no bfloat16 support.",
+                            hint="set bf16: false to train in fp32.")
+        return "bf16"
+    return "no"
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-D tensors), as is customary."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to_samples(encoded: list[Any]) -> list[Sample]:
+    return [Sample(e.input_ids, e.labels, i) for i, e in enumerate(encoded)]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The micro-batches one rank processes in one epoch, collated (in workers if asked)."""
+
+    def __init__(self, samples: list[Sample], plan: list[list[list[int]]], packing: bool, pad_id: int) -> None:
+        self.samples, self.plan, self.packing, self.pad_id = samples, plan, packing, pad_id
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rows = [[self.samples[j] for j in row] for row in self.plan[i]]
+        if self.packing:
+            return collate_packed(rows, self.pad_id)
+        return collate_padded([s for row in rows for s in row], self.pad_id)
+
+
+def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad_id: int, accelerator: Any) -> float:
+    """Token-weighted loss over the whole eval set (all ranks)."""
+    plan = plan_micro_batches([len(s.input_ids) for s in samples], batch_size=cfg.train.per_device_eval_batch_size,
+                              seed=0, epoch=0, shuffle=False, packing=False, max_len=cfg.data.cutoff_len)
+    mine = plan[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), accelerator.autocast():
+        for rows in mine:
+            batch = collate_padded([samples[j] for row in rows for j in row], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss_sum, count = module(batch)
+            total += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=accelerator.device)
+    module.train(was_training)
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any) -> None:
+    """The trained result in standard form: a peft adapter folder, or a HF model folder."""
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
+    unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def accumulate(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, global_count: int, world: int,
+               weight: float = 1.0, accelerator: Any = None) -> float:
+    """Forward and backward of one optimizer step's micro-batches on this rank; returns the summed
+    token loss. Each micro-batch's loss is divided by the step's global supervised-token count, so
+    the gradients add up to those of one big batch (DESIGN §2.3)."""
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    total = 0.0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        defer_sync = accelerator is not None and world > 1 and i < len(batches) - 1
+        with accelerator.no_sync(module) if defer_sync else contextlib.nullcontext(), \
+                accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            loss_sum, _ = module(batch)
+            # DDP averages gradients over ranks, hence x world to get the global token mean.
+            loss = loss_sum * (weight * world / max(global_count, 1))
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+        total += float(loss_sum.detach()) * weight
+    return total
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    model: Any  # the trained model (peft-wrapped for LoRA), unwrapped from any distributed wrapper
+
+
+def run_training(cfg: RunConfig) -> TrainResult:
+    t_start = time.time()
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from tunesmith.data.pipeline import tokenize_datasets
+    from tunesmith.model import apply_finetuning, load_model, load_tokenizer
+
+    t = cfg.train
+    if not cfg.data.dataset:
+        raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; name one or more datasets of "
+                        f"{cfg.data.dataset_dir}/dataset_info.json.")
+    resume_setting = t.resume_from_checkpoint
+    from accelerate.state import AcceleratorState
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mixed = _precision(cfg, device)
+    AcceleratorState._reset_state()  # a second run in one process may use another precision
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    out = Path(t.output_dir)
+    resume_dir = ckpt.find_resume_checkpoint(resume_setting, out)
+    if accelerator.is_main_process:
+        check_output_dir(cfg, resuming=resume_dir is not None)
+    accelerator.wait_for_everyone()
+    set_seed(t.seed)
+
+    # --- data: tokenized once (main process first; the others read its cache) ---
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():
+        data = tokenize_datasets(cfg, tokenizer)
+    train_samples, eval_samples = _to_samples(data.train), _to_samples(data.eval)
+    if not train_samples:
+        raise UserError("no training samples are left after tokenization (see the report above).")
+    lengths = [len(s.input_ids) for s in train_samples]
+    packing = cfg.data.packing or cfg.data.neat_packing
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # --- model ---
+    model = load_model(cfg.model, dtype=torch.float32, device="cpu")
+    model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
+    module = SFTModule(model)
+    optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.learning_rate,
+                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    world = accelerator.num_processes
+    n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
+                                     shuffle=False, packing=packing, max_len=cfg.data.cutoff_len))
+    plan = make_plan(n_micro, cfg, world)
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.total_steps)
+    scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=plan.total_steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+
+    start_step = 0
+    if resume_dir is not None:
+        _load_weights(accelerator.unwrap_model(module).model, resume_dir)
+        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
+        start_step = state["global_step"]
+        if state.get("plan") != [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]:
+            raise UserError(f"{resume_dir} was written by a run with another batch plan "
+                            f"(micro-batches per step, steps per epoch, total steps = {state.get('plan')}, now "
+                            f"{[plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]}).",
+                            hint="resume with the same data, batch sizes, accumulation, epochs and processes.")
+    main = accelerator.is_main_process
+    if main:
+        cfg.dump_yaml(out / "config.yaml")
+        print(f"train samples {len(train_samples)}, eval samples {len(eval_samples)}, "
+              f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
+              f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {world} "
+              f"{'packed rows' if packing else 'samples'} per step, precision {mixed}", file=sys.stderr)
+    reports = {r.strip() for r in t.report_to.split(",")}
+    log = RunLog(out, total_steps=plan.total_steps, start_step=start_step,
+                 tensorboard=bool(reports & {"tensorboard", "all"})) if main else None
+
+    # --- loop ---
+    module.train()
+    window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0}
+    last_log_time = time.time()
+    first_step_seconds = None
+    eval_loss = None
+    last_batch = None
+    totals = {"tokens": 0, "supervised": 0, "step_seconds": 0.0}
+    step_started = time.time()
+    for step, batches in step_batches(train_samples, lengths, plan, cfg, start_step, accelerator, packing, pad_id):
+        local_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
+                                              reduction="sum").item())
+        weight = 1.0
+        if not batches:  # a rank with no micro-batch in a short last step still joins the collectives
+            batches, weight = [last_batch], 0.0
+        step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
+                               accelerator=accelerator)
+        last_batch = batches[-1]
+        window["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
+        window["slots"] += int(weight) * sum(b["input_ids"].numel() for b in batches)
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
+                                              reduction="sum")) / max(global_count, 1)
+        if first_step_seconds is None:
+            first_step_seconds = time.time() - t_start
+            if main:
+                log.bar.write(f"first step after {first_step_seconds:.1f} s from the command")
+        window["loss"] += total_loss
+        totals["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
+        totals["supervised"] += global_count
+        totals["step_seconds"] += time.time() - step_started
+        window["steps"] += 1
+        done = step + 1
+        if main:
+            elapsed = time.time() - last_log_time
+            rate = window["tokens"] * world / elapsed if elapsed > 0 else 0.0
+            log.step(done, {"loss": f"{total_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
+                            "tok/s": f"{rate:.0f}"})
+        if done % t.logging_steps == 0 or done == plan.total_steps:
+            if main:
+                elapsed = time.time() - last_log_time
+                log.record({
+                    "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
+                    "loss": window["loss"] / window["steps"], "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_second": window["tokens"] * world / elapsed if elapsed > 0 else None,
+                    "padding_share": 1 - window["tokens"] / max(window["slots"], 1),
+                    "elapsed": round(time.time() - t_start, 2), "eta": round(log.eta(done), 1),
+                    "total_steps": plan.total_steps,
+                })
+            window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0}
+            last_log_time = time.time()
+        if eval_samples and t.eval_strategy == "steps" and done % (t.eval_steps or t.logging_steps) == 0 \
+                and done != plan.total_steps:
+            eval_loss = evaluate(module, eval_samples, cfg, pad_id, accelerator)
+            if main:
+                log.record({"step": done, "eval_loss": eval_loss})
+        if t.save_steps > 0 and done % t.save_steps == 0 and done != plan.total_steps:
+            _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator)
+        step_started = time.time()
+
+    # --- the end: final eval, outputs written atomically ---
+    if eval_samples:
+        eval_loss = evaluate(module, eval_samples, cfg, pad_id, accelerator)
+        if main:
+            log.record({"step": plan.total_steps, "eval_loss": eval_loss})
+    results = {"global_step": plan.total_steps, "train_runtime": round(time.time() - t_start, 2),
+               "first_step_seconds": round(first_step_seconds or 0.0, 2), "eval_loss": eval_loss,
+               "train_samples": len(train_samples), "steps_run": plan.total_steps - start_step,
+               "trained_tokens": totals["tokens"] * world, "supervised_tokens": totals["supervised"],
+               "step_seconds": round(totals["step_seconds"], 3),
+               "train_tokens_per_second": round(totals["tokens"] * world / max(totals["step_seconds"], 1e-9), 2)}
+    accelerator.wait_for_everyone()
+    if main:
+        log.close()
+        model_to_save = accelerator.unwrap_model(module).model
+        _write_final(model_to_save, tokenizer, out, accelerator)
+        (out / "train_results.json").write_text(json.dumps(results, indent=2))
+        if t.plot_loss:
+            plot_loss(out)
+        print(f"Saved the trained {'adapter' if cfg.finetune.finetuning_type == 'lora' else 'model'} to {out}",
+              file=sys.stderr)
+    accelerator.wait_for_everyone()
+    return TrainResult(results, accelerator.unwrap_model(module).model)
+
+
+def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
+                 accelerator: Any, packing: bool, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+    """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
+    batches as an uninterrupted one because the order depends only on (seed, epoch)."""
+    t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
+    step = start_step
+    while step < plan.total_steps:
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        micro = plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=epoch,
+                                   shuffle=cfg.data.shuffle, packing=packing, max_len=cfg.data.cutoff_len)
+        steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
+        per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
+        dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], packing, pad_id)
+        workers = cfg.data.dataloader_num_workers
+        items = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)) if workers \
+            else (dataset[i] for i in range(len(dataset)))
+        for mine in per_step:
+            yield step, [next(items) for _ in mine]
+            step += 1
+
+
+def _write_final(model: Any, tokenizer: Any, out: Path, accelerator: Any) -> None:
+    """Weights and tokenizer go to a temp folder first, then move next to the run files."""
+    staging = out / ".tmp-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_weights(model, tokenizer, staging, accelerator)
+    for item in staging.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    staging.rmdir()
+
+
+def _save_checkpoint(module: Any, optimizer: Any, scheduler: Any, tokenizer: Any, out: Path, step: int,
+                     plan: StepPlan, cfg: RunConfig, accelerator: Any) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(module).model
+
+        def write(folder: Path) -> None:
+            save_weights(model, tokenizer, folder, accelerator)
+            ckpt.save_training_state(folder, optimizer=None if cfg.train.save_only_model else optimizer,
+                                     scheduler=scheduler, state={
+                                         "global_step": step,
+                                         "plan": [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps],
+                                         "epoch": step / plan.steps_per_epoch})
+
+        ckpt.atomic_folder(out / f"checkpoint-{step}", write)
+        ckpt.rotate(out, cfg.train.save_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def _load_weights(model: Any, folder: Path) -> None:
+    """Put a checkpoint's trained weights back into the model (adapter or full weights)."""
+    from safetensors.torch import load_file
+
+    if (folder / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    shards = sorted(folder.glob("model*.safetensors"))
+    if not shards:
+        raise UserError(f"{folder} holds no weights (adapter_model.safetensors or model*.safetensors).")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if "lm_head" not in k]  # tied heads are not stored
+    if real_missing or unexpected:
+        raise UserError(f"{folder} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}.")
