@@ -1,0 +1,1 @@
+"""The data stage: dataset registry, readers, format converters, rendering, encoding and batching."""
