@@ -3,10 +3,16 @@
 Every template is Jinja: the tokenizer's own by default, or a named one from TEMPLATES for
 models without one. The trained character spans of a conversation are found by rendering
 it turn by turn, so no second hand-written formatter exists to drift from inference.
+
+Tool use goes through the same renderer: a template that knows tools gets OpenAI
+`tool_calls`, `tool` messages and `tools` as they are; for one that does not, they are
+rewritten into text it can print (see `normalize_tools`), identically in training and in chat.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +34,299 @@ class Conversation:
 
 @dataclass(frozen=True)
 class NamedTemplate:
-    """A Jinja chat template for models that ship none, with its end-of-turn text."""
+    """A Jinja chat template for models that ship none, with its end-of-turn text.
+
+    closed_by_next_turn: the format writes no end-of-turn marker after an answer (GLM-4); the
+    next turn's role tag ends it, and after the last answer the eos token does, as the
+    family's own fine-tuning does. Training includes that tag in the answer so the model stops.
+    """
 
     jinja: str
     stop: tuple[str, ...] = ()  # end-of-turn strings generation stops at (besides eos)
     notes: str = ""
+    closed_by_next_turn: bool = False
 
 
-# Filled in by the template table below (one entry a family); see `tunesmith data templates`.
-TEMPLATES: dict[str, NamedTemplate] = {}
+# --- The named templates -------------------------------------------------------------------
+# Each renders plain chats exactly as the family's official chat template does, and every
+# prefix rendered with a generation prompt is a prefix of the longer conversation.
+
+_CHATML = r"""
+{%- for message in messages -%}
+  {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+# Qwen tool prompt pieces, shared by qwen (2.5) and qwen3.
+_QWEN_TOOLS_HEAD = (r"# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                    r"You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_QWEN_TOOLS_TAIL = (r"\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                    r"within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                    r"{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n")
+_QWEN_TOOL_RESULT = r"""
+  {%- elif message.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+    {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+_QWEN = r"""
+{%- if messages and messages[0].role == 'system' -%}
+  {%- set system_text = messages[0].content -%}
+{%- else -%}
+  {%- set system_text = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' -%}
+{%- endif -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\n' + system_text + '\n\n""" + _QWEN_TOOLS_HEAD + r"""' -}}
+  {%- for tool in tools -%}{{- '\n' + tool | tojson -}}{%- endfor -%}
+  {{- '""" + _QWEN_TOOLS_TAIL + r"""' -}}
+{%- else -%}
+  {{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if message.role == 'user' or (message.role == 'system' and not loop.first)
+        or (message.role == 'assistant' and not message.tool_calls) -%}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}
+  {%- elif message.role == 'assistant' -%}
+    {{- '<|im_start|>assistant' -}}
+    {%- if message.content -%}{{- '\n' + message.content -}}{%- endif -%}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '\n<tool_call>\n{"name": "' + fn.name + '", "arguments": ' + fn.arguments | tojson + '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+""" + _QWEN_TOOL_RESULT
+
+_QWEN3 = r"""
+{%- if tools -%}
+  {{- '<|im_start|>system\n' -}}
+  {%- if messages and messages[0].role == 'system' -%}{{- messages[0].content + '\n\n' -}}{%- endif -%}
+  {{- '""" + _QWEN_TOOLS_HEAD + r"""' -}}
+  {%- for tool in tools -%}{{- '\n' + tool | tojson -}}{%- endfor -%}
+  {{- '""" + _QWEN_TOOLS_TAIL + r"""' -}}
+{%- elif messages and messages[0].role == 'system' -%}
+  {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if message.role == 'user' or (message.role == 'system' and not loop.first) -%}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}
+  {%- elif message.role == 'assistant' -%}
+    {{- '<|im_start|>assistant\n' + message.content -}}
+    {%- for call in message.tool_calls or [] -%}
+      {%- if not loop.first or message.content -%}{{- '\n' -}}{%- endif -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' -}}
+      {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+""" + _QWEN_TOOL_RESULT
+
+_LLAMA3 = r"""
+{%- for message in messages -%}
+  {%- if loop.first -%}{{- '<|begin_of_text|>' -}}{%- endif -%}
+  {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
+"""
+
+_LLAMA2 = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system_text = messages[0]['content'] -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system_text = none -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if loop.first and system_text is not none -%}
+      {%- set text = '<<SYS>>\n' + system_text + '\n<</SYS>>\n\n' + message['content'] -%}
+    {%- else -%}
+      {%- set text = message['content'] -%}
+    {%- endif -%}
+    {{- '<s>[INST] ' + text | trim + ' [/INST]' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- ' ' + message['content'] | trim + ' </s>' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_MISTRAL = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system_text = messages[0]['content'] -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system_text = none -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{{- '<s>' -}}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if loop.first and system_text is not none -%}
+      {{- '[INST] ' + system_text + '\n\n' + message['content'] + ' [/INST]' -}}
+    {%- else -%}
+      {{- '[INST] ' + message['content'] + ' [/INST]' -}}
+    {%- endif -%}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- message['content'] + '</s>' -}}
+  {%- else -%}
+    {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_GEMMA = r"""
+{{- '<bos>' -}}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set first_user_prefix = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+  {{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') -}}
+  {{- message['content'] | trim + '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}
+"""
+
+_GLM4 = r"""
+{{- '[gMASK]<sop>' -}}
+{%- if tools -%}
+  {{- '<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具' -}}
+  {%- for tool in tools -%}
+    {%- set fn = tool.function if tool.function is defined else tool -%}
+    {{- '\n\n## ' + fn.name + '\n\n' + fn | tojson(indent=4) + '\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}
+  {%- endfor -%}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if message.role == 'system' -%}
+    {{- '<|system|>\n' + message.content -}}
+  {%- elif message.role == 'user' -%}
+    {{- '<|user|>\n' + message.content -}}
+  {%- elif message.role == 'assistant' and message.tool_calls -%}
+    {%- if message.content -%}{{- '<|assistant|>\n' + message.content -}}{%- endif -%}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '<|assistant|>' + fn.name + '\n' -}}
+      {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
+    {%- endfor -%}
+  {%- elif message.role == 'assistant' -%}
+    {{- '<|assistant|>\n' + message.content -}}
+  {%- elif message.role in ('tool', 'observation') -%}
+    {{- '<|observation|>\n' + message.content -}}
+  {%- else -%}
+    {{- raise_exception('GLM-4 has no role ' + message.role + '; use system, user, assistant or tool.') -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}
+"""
+
+_PHI3 = r"""
+{%- for message in messages -%}
+  {%- if message['role'] in ('user', 'assistant') or (message['role'] == 'system' and message['content']) -%}
+    {{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}
+"""
+
+# LLaMA-Factory's generic formats: the system text, then user and assistant turns; answers end with eos.
+_ALPACA = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {{- messages[0]['content'] -}}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' -}}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if message['role'] == 'user' -%}
+    {{- '### Instruction:\n' + message['content'] + '\n\n### Response:\n' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- message['content'] + eos_token + '\n\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_VICUNA = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {{- messages[0]['content'] + ' ' -}}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {{- "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. " -}}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if message['role'] == 'user' -%}
+    {{- 'USER: ' + message['content'] + ' ASSISTANT:' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- ' ' + message['content'] + eos_token -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_DEFAULT = r"""
+{%- for message in messages -%}
+  {%- if message['role'] == 'system' -%}
+    {{- 'System: ' + message['content'] + eos_token + '\n' -}}
+  {%- elif message['role'] == 'user' -%}
+    {{- 'Human: ' + message['content'] + eos_token + '\nAssistant:' -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- message['content'] + eos_token + '\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+_EMPTY = r"""
+{%- for message in messages -%}
+  {%- if message['role'] in ('system', 'user', 'assistant') -%}{{- message['content'] -}}{%- endif -%}
+{%- endfor -%}
+"""
+
+TEMPLATES: dict[str, NamedTemplate] = {
+    "chatml": NamedTemplate(_CHATML, ("<|im_end|>",), "ChatML: <|im_start|>role ... <|im_end|>; no default system."),
+    "qwen": NamedTemplate(_QWEN, ("<|im_end|>",),
+                          "Qwen2.5: ChatML with the default system 'You are Qwen, created by Alibaba Cloud...'; "
+                          "tools in <tools>, calls in <tool_call>."),
+    "qwen3": NamedTemplate(_QWEN3, ("<|im_end|>",),
+                           "Qwen3 (Instruct-2507 format): ChatML, no default system, answers without <think> blocks; "
+                           "tools as in qwen."),
+    "llama3": NamedTemplate(_LLAMA3, ("<|eot_id|>",),
+                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed."),
+    "llama2": NamedTemplate(_LLAMA2, ("</s>",),
+                            "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; roles must alternate."),
+    "mistral": NamedTemplate(_MISTRAL, ("</s>",),
+                             "Mistral Instruct v0.1/v0.2: <s>[INST] ... [/INST]answer</s>; a system message joins the "
+                             "first instruction; roles must alternate."),
+    "gemma": NamedTemplate(_GEMMA, ("<end_of_turn>",),
+                           "Gemma: <bos><start_of_turn>user/model ... <end_of_turn>; a system message joins the first "
+                           "user turn (as Gemma 3 does); roles must alternate."),
+    "glm4": NamedTemplate(_GLM4, ("<|user|>", "<|observation|>"),
+                          "GLM-4 chat: [gMASK]<sop><|system|>/<|user|>/<|assistant|>/<|observation|>; an answer is "
+                          "closed by the next role tag (or eos).", closed_by_next_turn=True),
+    "phi3": NamedTemplate(_PHI3, ("<|end|>",), "Phi-3 / Phi-3.5: <|role|>\\n ... <|end|>\\n."),
+    "alpaca": NamedTemplate(_ALPACA, (), "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
+    "vicuna": NamedTemplate(_VICUNA, (), "Vicuna v1.1: system USER: ... ASSISTANT: answer</s>."),
+    "default": NamedTemplate(_DEFAULT, (), "LLaMA-Factory default: System:/Human:/Assistant: with eos after each turn."),
+    "empty": NamedTemplate(_EMPTY, (), "The contents alone, concatenated (no markers, no eos)."),
+}
 
 
 def template_names() -> list[str]:
@@ -61,19 +351,174 @@ def apply_template(tokenizer: Any, name: str | None) -> str:
     return name
 
 
+def named_template_of(tokenizer: Any) -> NamedTemplate | None:
+    """The named template the tokenizer currently carries, if it is one of TEMPLATES."""
+    source = getattr(tokenizer, "chat_template", None)
+    return next((t for t in TEMPLATES.values() if t.jinja == source), None)
+
+
+# --- Tool use ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template does with tool use, read from its source and one probe render."""
+
+    tools: bool  # renders the `tools` schemas itself
+    tool_calls: bool  # renders assistant `tool_calls` itself
+    tool_role: bool  # prints the content of `tool` messages (rather than dropping or refusing them)
+
+
+_PROBE_RESULT = "\x01tool-result\x01"
+
+
+_support_by_source: dict[str, ToolSupport] = {}
+
+
+def tool_support(tokenizer: Any) -> ToolSupport:
+    source = getattr(tokenizer, "chat_template", None)
+    if not isinstance(source, str):
+        return ToolSupport(False, False, False)
+    if source not in _support_by_source:
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                 {"role": "tool", "content": _PROBE_RESULT}]
+        try:
+            prints_tool_role = _PROBE_RESULT in tokenizer.apply_chat_template(
+                probe, tokenize=False, add_generation_prompt=True)
+        except Exception:  # the template refuses the role (raise_exception) or cannot render it
+            prints_tool_role = False
+        _support_by_source[source] = ToolSupport(tools=re.search(r"\btools\b", source) is not None,
+                                                 tool_calls=re.search(r"\btool_calls\b", source) is not None,
+                                                 tool_role=prints_tool_role)
+    return _support_by_source[source]
+
+
+def _parse_tools(tools: Any) -> list[dict[str, Any]] | None:
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):  # datasets often store the schema list as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"the tools value is not valid JSON ({exc.msg} at character {exc.pos}).",
+                            hint="give tools as a JSON list of function schemas.") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UserError("tools must be a list of JSON function schemas (objects).")
+    return tools or None
+
+
+def _call_parts(call: dict[str, Any]) -> tuple[str, Any]:
+    """(name, arguments) of an OpenAI tool call, or of a bare {name, arguments} object."""
+    fn = call.get("function", call)
+    return fn.get("name", ""), fn.get("arguments", {})
+
+
+def _arguments_object(arguments: Any) -> Any:
+    # Templates print arguments with `tojson`; a JSON string would come out quoted twice.
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def _with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(call.get("function"), dict):
+        fn = call["function"]
+        return {**call, "function": {**fn, "arguments": _arguments_object(fn.get("arguments", {}))}}
+    return {**call, "arguments": _arguments_object(call.get("arguments", {}))}
+
+
+def tool_call_json(call: dict[str, Any]) -> str:
+    """One tool call as the JSON line written into the answer of a template without tool support."""
+    name, arguments = _call_parts(call)
+    return json.dumps({"name": name, "arguments": _arguments_object(arguments)}, ensure_ascii=False)
+
+
+def tools_system_text(tools: list[dict[str, Any]]) -> str:
+    """The tool definitions as system-prompt text, for templates that cannot show them."""
+    schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("You can call the following tools, given as JSON schemas:\n" + schemas + "\n\n"
+            "To call tools, answer with one JSON object per call, each on its own line: "
+            '{"name": <tool name>, "arguments": <arguments object>}')
+
+
+def _uses_tools(messages: list[dict[str, Any]], tools: Any) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+
+
+def normalize_tools(messages: list[dict[str, Any]], tools: Any, support: ToolSupport
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Rewrite tool use into what the template can print; returns (messages, tools to pass on).
+
+    - tool calls, when the template cannot print them, become the answer's text: one JSON
+      object {"name", "arguments"} per line, after any text the answer already has;
+    - tool results, when the template would drop or refuse a `tool` role, become a user
+      turn headed "Tool result:" (consecutive results share one turn, so roles still alternate);
+    - tool schemas, when the template cannot show them, are appended to the system prompt
+      (or open the conversation as a new system message).
+    """
+    tools = _parse_tools(tools)
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            content = message.get("content") or ""
+            if support.tool_calls:
+                calls = [_with_object_arguments(c) for c in calls]
+                out.append({**message, "content": content, "tool_calls": calls})
+            else:
+                text = "\n".join(tool_call_json(c) for c in calls)
+                rest = {k: v for k, v in message.items() if k != "tool_calls"}
+                out.append({**rest, "content": f"{content}\n{text}" if content else text})
+        elif role == "tool" and not support.tool_role:
+            name = message.get("name")
+            result = f"Tool result{f' ({name})' if name else ''}:\n{message.get('content') or ''}"
+            if out and out[-1].get("role") == "user" and out[-1].get("_tool_result"):
+                out[-1]["content"] += "\n\n" + result
+            else:
+                out.append({"role": "user", "content": result, "_tool_result": True})
+        else:
+            out.append(message)
+    out = [{k: v for k, v in m.items() if k != "_tool_result"} if "_tool_result" in m else m for m in out]
+    if tools and not support.tools:
+        block = tools_system_text(tools)
+        if out and out[0].get("role") == "system":
+            system = out[0].get("content") or ""
+            out[0] = {**out[0], "content": f"{system}\n\n{block}" if system else block}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+        tools = None
+    return out, tools
+
+
+# --- Rendering -----------------------------------------------------------------------------
+
 def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool = False,
            tools: list[dict[str, Any]] | None = None) -> str:
-    """The conversation as text, exactly as the tokenizer's chat template writes it."""
+    """The conversation as text, exactly as the tokenizer's chat template writes it.
+
+    Tool use is first normalised for the template (`normalize_tools`), the same way for
+    training and for chat.
+    """
     messages = conv.messages if isinstance(conv, Conversation) else conv
     if isinstance(conv, Conversation) and tools is None:
         tools = conv.tools
+    where = f"{conv.source[0]} row {conv.source[1]}: " if isinstance(conv, Conversation) and conv.source[0] else ""
+    if _uses_tools(messages, tools):
+        try:
+            messages, tools = normalize_tools(messages, tools, tool_support(tokenizer))
+        except UserError as exc:
+            raise UserError(f"{where}{exc.args[0]}", hint=exc.hint) from None
     kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
     if tools:
         kwargs["tools"] = tools
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # jinja raise_exception() and template errors
-        where = f"{conv.source[0]} row {conv.source[1]}: " if isinstance(conv, Conversation) and conv.source[0] else ""
         raise UserError(f"{where}the chat template could not render this conversation: {exc}") from None
 
 
@@ -86,11 +531,20 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
     learns to stop. Tool results and prompts are not trained. The rendering of every prefix
     must be a prefix of the full text, which is true of ordinary chat templates; one that
     rewrites history (e.g. strips earlier reasoning) is reported rather than mis-masked.
+
+    A named template whose answers have no end marker of their own (`closed_by_next_turn`)
+    trains the role tag that follows each answer, and the text gets the eos token after a
+    final answer: the one place where it differs from `render`.
     """
     text = render(conv, tokenizer)
-    if train_on_prompt:
-        return text, [(0, len(text))]
     messages = conv.messages
+    named = named_template_of(tokenizer)
+    eos = getattr(tokenizer, "eos_token", None)
+    closes = named is not None and named.closed_by_next_turn
+    if train_on_prompt:
+        if closes and eos and messages and messages[-1].get("role") == "assistant":
+            text += eos
+        return text, [(0, len(text))]
     assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if mask_history:
         assistant_turns = assistant_turns[-1:]
@@ -99,8 +553,11 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
         start_text = render(messages[:i], tokenizer, add_generation_prompt=True, tools=conv.tools) if i else ""
         end_text = render(messages[: i + 1], tokenizer, tools=conv.tools)
         if not (text.startswith(end_text) and end_text.startswith(start_text)):
-            # Templates that end the last turn differently (no trailing newline) still nest.
-            end = len(end_text) if text.startswith(end_text) else _common_prefix(text, end_text)
+            # Templates that close the whole text after the last turn (an eos) still nest up to it.
+            if text.startswith(end_text):
+                end = len(end_text)
+            else:
+                end = _turn_end(text, end_text, len(start_text), stop_strings(tokenizer, None))
             if not text.startswith(start_text) or end <= len(start_text):
                 src = f"{conv.source[0]} row {conv.source[1]}: " if conv.source[0] else ""
                 raise UserError(f"{src}the chat template renders earlier turns differently once later turns "
@@ -109,7 +566,23 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
         else:
             end = len(end_text)
         spans.append((len(start_text), end))
+    if closes:
+        text, spans = _close_answers(text, spans, named.stop, eos)
     return text, spans
+
+
+def _close_answers(text: str, spans: list[tuple[int, int]], closers: tuple[str, ...], eos: str | None
+                   ) -> tuple[str, list[tuple[int, int]]]:
+    closed = []
+    for start, end in spans:
+        closer = next((c for c in closers if text.startswith(c, end)), None)
+        if closer is not None:
+            end += len(closer)
+        elif end == len(text) and eos:
+            text += eos
+            end += len(eos)
+        closed.append((start, end))
+    return text, closed
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -120,14 +593,55 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
+def _turn_end(text: str, end_text: str, start: int, stops: list[str]) -> int:
+    """Where a turn ends when its standalone rendering adds a closing suffix (e.g. an eos).
+
+    The shared prefix can run into the next turn's opening (`<|end|>\\n<|endoftext|>` against
+    `<|end|>\\n<|user|>` share `<|`), so it is cut back after the last end-of-turn string and
+    the whitespace that follows it.
+    """
+    end = _common_prefix(text, end_text)
+    best = -1
+    for stop in stops:
+        at = text.rfind(stop, start, end)
+        if at >= 0 and at + len(stop) <= end:
+            best = max(best, at + len(stop))
+    if best < 0:
+        return end
+    while best < end and text[best].isspace():
+        best += 1
+    return best
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = {str(getattr(t, "content", t)) for t in decoder.values()}
+    tokens.update(getattr(tokenizer, "all_special_tokens", []) or [])
+    return [t for t in tokens if t]
+
+
 def stop_strings(tokenizer: Any, name: str | None) -> list[str]:
-    """End-of-turn strings for generation: the named template's, else the end of a rendered answer."""
-    if name and name in TEMPLATES and TEMPLATES[name].stop:
-        return list(TEMPLATES[name].stop)
-    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\x00"}]
+    """End-of-turn strings for generation: the named template's, else what ends a rendered answer.
+
+    For a tokenizer's own template the answer's tail is read from a probe conversation: the
+    text between an answer and the next user turn, cut after the last special token in it.
+    """
+    named = TEMPLATES.get(name) if name else named_template_of(tokenizer)
+    if named is not None and named.stop:
+        return list(named.stop)
+    mark = "\x00"
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
     try:
-        tail = render(probe, tokenizer).split("\x00", 1)[1]
+        tail = render(probe, tokenizer).split(mark, 1)[1]
     except (UserError, IndexError):
         return []
+    try:  # a template that closes the whole text after the last answer: keep only what ends the turn
+        longer = render([*probe, {"role": "user", "content": "y"}], tokenizer).split(mark, 1)[1]
+        tail = tail[:_common_prefix(tail, longer)]
+    except (UserError, IndexError):
+        pass
     tail = tail.strip()
+    specials = [t for t in _special_tokens(tokenizer) if t in tail]
+    if specials:
+        tail = tail[: max(tail.rfind(t) + len(t) for t in specials)]
     return [tail] if tail else []
