@@ -57,3 +57,31 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "dataset_info.json").exists():
         pytest.skip("shared data folder not found next to the repository")
     return SHARED_DATA
+
+
+def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:
+    """A LoRA run's output_dir on a tiny base: adapter with random lora_B (so it changes the
+    logits), the tokenizer carrying the chat template, and config.yaml naming the base."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_name_or_path": str(base_dir),
+                                                        "finetuning_type": "lora", "output_dir": str(folder)}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir)
