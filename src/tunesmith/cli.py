@@ -7,11 +7,14 @@ User errors print without a traceback (DESIGN §2.7).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
 from tunesmith import __version__
 from tunesmith.errors import UserError
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 CONFIG_EPILOG = """\
 The config is a LLaMA-Factory-style YAML file; any key can be overridden after it as
@@ -169,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print("Config keys (YAML or key=value):" + help_table())
         return 0
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere after the config path, also after options like -n 2.
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    elif overrides:
+        parser.error(f"'{overrides[0]}': this command takes no key=value overrides")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

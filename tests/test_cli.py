@@ -1,0 +1,83 @@
+"""The `tunesmith` command as a user runs it: real subprocesses, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SUBCOMMANDS = ["train", "chat", "export", "api", "webui", "data", "env", "version"]
+
+
+def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_top_level_help_lists_every_subcommand():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in proc.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name):
+    proc = run(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: tunesmith " + name in proc.stdout
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys, tunesmith.cli as cli\n"
+            "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip().endswith("torch not loaded")
+
+
+def test_version_and_keys():
+    assert run("version").stdout.startswith("tunesmith ")
+    proc = run("train", "--keys")
+    assert proc.returncode == 0 and "learning_rate" in proc.stdout and "lora_target" in proc.stdout
+
+
+def test_no_command_prints_help_and_exits_2():
+    proc = run()
+    assert proc.returncode == 2 and "COMMAND" in proc.stdout
+
+
+def test_user_error_is_printed_without_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: identity\nlearning_rat: 1\n")
+    proc = run("train", str(cfg))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "did you mean 'learning_rate'" in proc.stderr
+
+
+def test_missing_config_file():
+    proc = run("train", "/nonexistent/cfg.yaml")
+    assert proc.returncode == 1 and "config file not found" in proc.stderr
+
+
+def test_overrides_after_options(tmp_path, shared_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: identity\ndataset_dir: {shared_data}\n")
+    proc = run("data", "preview", str(cfg), "-n", "1", "--no-color", "cutoff_len=4096")
+    assert proc.returncode == 0, proc.stderr
+    assert "[[" in proc.stdout
+
+
+def test_data_templates_lists_named_templates():
+    proc = run("data", "templates")
+    assert proc.returncode == 0
+    for name in ("chatml", "qwen", "llama3", "mistral", "gemma", "alpaca", "empty"):
+        assert name in proc.stdout.split()
+
+
+def test_env_reports_versions():
+    proc = run("env")
+    assert proc.returncode == 0
+    assert "torch" in proc.stdout and "transformers" in proc.stdout
