@@ -170,7 +170,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     from transformers import get_scheduler
 
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import apply_finetuning, load_model, load_tokenizer
+    from tunesmith.model import apply_finetuning, load_adapters, load_model, load_tokenizer
 
     t = cfg.train
     if not cfg.data.dataset:
@@ -203,6 +203,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
     # --- model ---
     model = load_model(cfg.model, dtype=torch.float32, device="cpu")
+    if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
+        model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
     model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
     module = SFTModule(model)
     optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.learning_rate,
