@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "demo_identity_lora.yaml"
 SHARED = REPO.parent / "shared" / "data" / "identity.json"
 QUESTION = "Who are you?"
+EXPORT = "exports/tunesmith-identity"  # the path the README's snippet loads
 
 
 def prepare_data(data_dir: Path) -> None:
@@ -46,10 +47,21 @@ def main() -> int:
     print(f"=== training: tunesmith train {CONFIG.relative_to(REPO)} ===", flush=True)
     subprocess.run([sys.executable, "-m", "tunesmith", "train", str(CONFIG)], cwd=REPO, check=True)
     answer = ask([])
-    print(f"\n=== after fine-tuning ===\nQ: {QUESTION}\nA: {answer}\n")
-    print(f"demo finished in {time.time() - t0:.0f} s; the adapter is in saves/demo/identity-lora "
-          "(chat with it: .venv/bin/tunesmith chat examples/demo_identity_lora.yaml)")
+    print(f"\n=== after fine-tuning ===\nQ: {QUESTION}\nA: {answer}\n", flush=True)
+    print(f"=== export: tunesmith export {CONFIG.relative_to(REPO)} export_dir={EXPORT} ===", flush=True)
+    subprocess.run([sys.executable, "-m", "tunesmith", "export", str(CONFIG), f"export_dir={EXPORT}"], cwd=REPO,
+                   check=True)
+    print("\n=== the README's plain-transformers snippet on the export ===", flush=True)
+    exec(readme_snippet(), {})
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. Adapter: saves/demo/identity-lora, merged model: {EXPORT}\n"
+          "chat with it: .venv/bin/tunesmith chat examples/demo_identity_lora.yaml")
     return 0 if "tunesmith" in answer.lower() else 1
+
+
+def readme_snippet() -> str:
+    """The README's "load the export with plain transformers" code block, run as written."""
+    blocks = (REPO / "README.md").read_text(encoding="utf-8").split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "AutoModelForCausalLM.from_pretrained(path)" in b)
 
 
 if __name__ == "__main__":

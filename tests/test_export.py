@@ -13,19 +13,15 @@ import yaml
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
 
-# The README's "use the exported model with plain transformers" snippet, run as written.
-README_SNIPPET = '''
-from transformers import AutoModelForCausalLM, AutoTokenizer
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-path = "exports/my-model"  # your export_dir
-tokenizer = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path)
-messages = [{"role": "user", "content": "Who are you?"}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                       return_dict=True)
-output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-'''
+
+def readme_snippet() -> str:
+    """The README's "use the exported model with plain transformers" snippet, exactly as written there."""
+    blocks = README.read_text(encoding="utf-8").split("```python\n")[1:]
+    code = next(b.split("```")[0] for b in blocks if "AutoModelForCausalLM.from_pretrained(path)" in b)
+    return code
+
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -134,7 +130,10 @@ def test_generation_config_and_modelfile_stop_at_end_of_turn(exported):
 def test_readme_snippet_runs_on_the_export(exported, capsys):
     from transformers import AutoTokenizer
 
-    exec(README_SNIPPET.replace("exports/my-model", str(exported)), {})
+    snippet = readme_snippet()
+    assert 'path = "exports/tunesmith-identity"' in snippet
+    exec(snippet.replace("exports/tunesmith-identity", str(exported)).replace("max_new_tokens=64", "max_new_tokens=8"),
+         {})
     printed = capsys.readouterr().out.strip("\n")
     tok = AutoTokenizer.from_pretrained(exported)
     assert printed and len(tok(printed, add_special_tokens=False)["input_ids"]) <= 9
