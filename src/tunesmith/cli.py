@@ -30,8 +30,14 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
     from tunesmith.train import run_training
+    from tunesmith.train.distributed import maybe_relaunch
 
-    run_training(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, once, before any launch
+    # Several GPUs (or FORCE_TORCHRUN=1): rerun this command under torchrun, one process per GPU.
+    code = maybe_relaunch(["train", args.config, *args.overrides], cfg)
+    if code is not None:
+        return code
+    run_training(cfg)
     return 0
 
 

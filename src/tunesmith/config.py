@@ -32,6 +32,8 @@ class ModelArgs:
                                   f"'{DEFAULT_MODEL}' (the embedded default model).")
     adapter_name_or_path: str | None = opt(None, "LoRA adapter folder(s) to load on the base, comma separated.")
     trust_remote_code: bool = opt(False, "Allow model code shipped inside the model folder to run.")
+    allow_pickle_weights: bool = opt(False, "Read weights from pickle files (*.bin) when a folder has no "
+                                     "safetensors (loaded with torch.load(weights_only=True)).")
     template: str | None = opt(None, "Chat template: unset/'auto' uses the tokenizer's own; or a named one "
                                "(see `tunesmith data templates`).")
     infer_backend: str = opt("huggingface", "Inference engine.", ("huggingface", "vllm", "sglang"))
@@ -56,6 +58,8 @@ class DataArgs:
     overwrite_cache: bool = opt(False, "Re-tokenize even when a cached result exists.")
     skip_invalid: bool = opt(False, "Skip invalid rows (reported) instead of stopping.")
     shuffle: bool = opt(True, "Shuffle the training samples each epoch (with `seed`).")
+    preflight: str = opt("strict", "Data checks before step 1 (saved as preflight.txt): strict stops on a fatal "
+                         "finding, warn only reports it.", ("strict", "warn"))
 
 
 @dataclass
@@ -104,7 +108,10 @@ class TrainArgs:
     report_to: str = opt("none", "Loggers: none, tensorboard, all (comma separated).")
     plot_loss: bool = opt(False, "Write training_loss.png with the train and eval curves.")
     ddp_timeout: int = opt(1800, "Seconds before a distributed collective times out.")
-    deepspeed: str | None = opt(None, "DeepSpeed config JSON (multi-GPU).")
+    deepspeed: str | None = opt(None, "DeepSpeed ZeRO config JSON, e.g. examples/deepspeed/ds_z3_config.json "
+                                "(\"auto\" values follow this config; needs pip install 'tunesmith[deepspeed]').")
+    fsdp_config: str | None = opt(None, "FSDP settings: an accelerate config YAML with an fsdp_config section, "
+                                  "e.g. examples/accelerate/fsdp2_config.yaml (multi-GPU).")
     nan_policy: str = opt("stop", "On a non-finite loss or gradient: stop, or skip the step.", ("stop", "skip"))
     max_skipped_steps: int = opt(10, "With nan_policy skip: stop after this many skipped steps in a row.")
 

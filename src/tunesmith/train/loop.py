@@ -21,9 +21,12 @@ from typing import Any
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.data.batching import Sample, collate_packed, collate_padded, plan_micro_batches
+from tunesmith.data.batching import Sample, collate, collate_padded, plan_micro_batches
 from tunesmith.errors import UserError
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed, guard
+from tunesmith.train.attention import choose_layout, restore_attention
+from tunesmith.train.flops import flop_counts
 from tunesmith.train.logs import RunLog, plot_loss
 from tunesmith.train.loss import SFTModule
 
@@ -56,9 +59,9 @@ def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
         for child in out.iterdir():  # remove only what a run writes, never the user's other files
             if child.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or child.name == "runs":
                 shutil.rmtree(child, ignore_errors=True)
-            elif child.name in (*ckpt.RUN_MARKERS, "training_loss.png", "preflight.txt"):
+            elif child.name in (*ckpt.RUN_MARKERS, "training_loss.png", "preflight.txt", ckpt.COMPLETE):
                 child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    guard.prepare_output_dir(out)  # created and proven writable before any work
     return out
 
 
@@ -82,8 +85,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     """No weight decay on biases and norm weights (1-D tensors), as is customary."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:  # ZeRO-3 partitioned parameters keep their real shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -94,17 +97,14 @@ def _to_samples(encoded: list[Any]) -> list[Sample]:
 class MicroBatches(torch.utils.data.Dataset):
     """The micro-batches one rank processes in one epoch, collated (in workers if asked)."""
 
-    def __init__(self, samples: list[Sample], plan: list[list[list[int]]], packing: bool, pad_id: int) -> None:
-        self.samples, self.plan, self.packing, self.pad_id = samples, plan, packing, pad_id
+    def __init__(self, samples: list[Sample], plan: list[list[list[int]]], layout: str, pad_id: int) -> None:
+        self.samples, self.plan, self.layout, self.pad_id = samples, plan, layout, pad_id
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rows = [[self.samples[j] for j in row] for row in self.plan[i]]
-        if self.packing:
-            return collate_packed(rows, self.pad_id)
-        return collate_padded([s for row in rows for s in row], self.pad_id)
+        return collate([[self.samples[j] for j in row] for row in self.plan[i]], self.pad_id, self.layout)
 
 
 def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad_id: int, accelerator: Any) -> float:
@@ -112,48 +112,58 @@ def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad
     plan = plan_micro_batches([len(s.input_ids) for s in samples], batch_size=cfg.train.per_device_eval_batch_size,
                               seed=0, epoch=0, shuffle=False, packing=False, max_len=cfg.data.cutoff_len)
     mine = plan[accelerator.process_index :: accelerator.num_processes]
+    # ZeRO-3/FSDP: every rank runs as many forwards as the busiest; the extra ones are not counted.
+    fillers = max(0, distributed.lockstep_count(accelerator, len(mine)) - len(mine))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     was_training = module.training
     module.eval()
     with torch.no_grad(), accelerator.autocast():
-        for rows in mine:
+        for i, rows in enumerate(mine + [plan[0]] * fillers):
             batch = collate_padded([samples[j] for row in rows for j in row], pad_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             loss_sum, count = module(batch)
-            total += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=accelerator.device)
+            if i < len(mine):
+                total += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=accelerator.device)
     module.train(was_training)
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any) -> None:
-    """The trained result in standard form: a peft adapter folder, or a HF model folder."""
+def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any,
+                 gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained result in standard form: a peft adapter folder, or a HF model folder. `gathered`:
+    the full weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict)."""
     unwrapped = accelerator.unwrap_model(model)
-    state = accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
+    state = gathered if gathered is not None else \
+        accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
     unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 
 def accumulate(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], *, global_count: int, world: int,
-               weight: float = 1.0, accelerator: Any = None) -> float:
+               weight: float = 1.0, accelerator: Any = None, pad_to: int = 0) -> float:
     """Forward and backward of one optimizer step's micro-batches on this rank; returns the summed
     token loss. Each micro-batch's loss is divided by the step's global supervised-token count, so
-    the gradients add up to those of one big batch (DESIGN §2.3)."""
+    the gradients add up to those of one big batch (DESIGN §2.3). Up to `pad_to` micro-batches run
+    (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
+    # DeepSpeed divides by its accumulation steps; multiplied back here (train/distributed.py).
+    scale = distributed.loss_scale(accelerator)
+    items = [(b, weight) for b in batches] + [(batches[-1], 0.0)] * max(0, pad_to - len(batches))
     total = 0.0
-    for i, batch in enumerate(batches):
+    for i, (batch, w) in enumerate(items):
         batch = {k: v.to(device) for k, v in batch.items()}
-        defer_sync = accelerator is not None and world > 1 and i < len(batches) - 1
-        with accelerator.no_sync(module) if defer_sync else contextlib.nullcontext(), \
+        last = i == len(items) - 1  # gradients are reduced (and DeepSpeed steps) after the last only
+        with distributed.micro_step(accelerator, module, last) if accelerator is not None else contextlib.nullcontext(), \
                 accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             loss_sum, _ = module(batch)
             # DDP averages gradients over ranks, hence x world to get the global token mean.
-            loss = loss_sum * (weight * world / max(global_count, 1))
+            loss = loss_sum * (w * world * scale / max(global_count, 1))
         if accelerator is not None:
             accelerator.backward(loss)
         else:
             loss.backward()
-        total += float(loss_sum.detach()) * weight
+        total += float(loss_sum.detach()) * w
     return total
 
 
@@ -165,25 +175,32 @@ class TrainResult:
 
 def run_training(cfg: RunConfig) -> TrainResult:
     t_start = time.time()
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import apply_finetuning, load_adapters, load_model, load_tokenizer
+    from tunesmith.model import (
+        apply_finetuning,
+        base_dtype_for_training,
+        load_adapters,
+        load_model,
+        load_tokenizer,
+        set_adapter_input_casting,
+    )
 
     t = cfg.train
     if not cfg.data.dataset:
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; name one or more datasets of "
                         f"{cfg.data.dataset_dir}/dataset_info.json.")
     resume_setting = t.resume_from_checkpoint
-    from accelerate.state import AcceleratorState
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = _precision(cfg, device)
-    AcceleratorState._reset_state()  # a second run in one process may use another precision
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    # DDP / DeepSpeed / FSDP, the process-group timeout (ddp_timeout); resets the state of an earlier run
+    accelerator = distributed.make_accelerator(cfg, device, mixed)
     out = Path(t.output_dir)
+    if accelerator.is_main_process:
+        ckpt.clean_interrupted(out)  # temporary folders of saves a killed run left behind
+    accelerator.wait_for_everyone()
     resume_dir = ckpt.find_resume_checkpoint(resume_setting, out)
     if accelerator.is_main_process:
         check_output_dir(cfg, resuming=resume_dir is not None)
@@ -193,62 +210,81 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # --- data: tokenized once (main process first; the others read its cache) ---
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
-        data = tokenize_datasets(cfg, tokenizer)
+        data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator), tokenizer)
     train_samples, eval_samples = _to_samples(data.train), _to_samples(data.eval)
     if not train_samples:
         raise UserError("no training samples are left after tokenization (see the report above).")
+    from tunesmith.data.preflight import preflight
+
+    preflight(data.train, tokenizer, cfg, out if accelerator.is_main_process else None)
     lengths = [len(s.input_ids) for s in train_samples]
     packing = cfg.data.packing or cfg.data.neat_packing
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # --- model ---
-    model = load_model(cfg.model, dtype=torch.float32, device="cpu")
+    model = load_model(cfg.model, dtype=base_dtype_for_training(cfg.model, cfg.finetune.finetuning_type, mixed),
+                       device="cpu")
     if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
         model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
     model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
+    layout = choose_layout(model, packing)  # padding-free varlen attention where the kernel allows it
+    set_adapter_input_casting(model, enabled=mixed == "no")  # autocast casts LoRA inputs itself
+    flops = flop_counts(model)
     module = SFTModule(model)
-    optimizer = torch.optim.AdamW(_param_groups(module, t.weight_decay), lr=t.learning_rate,
-                                  betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
     world = accelerator.num_processes
     n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
                                      shuffle=False, packing=packing, max_len=cfg.data.cutoff_len))
     plan = make_plan(n_micro, cfg, world)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.total_steps)
+    module, optimizer = distributed.prepare(accelerator, module, optimizer)
+    # On the prepared optimizer, so that under DeepSpeed the schedule drives the engine's optimizer.
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=plan.total_steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
 
     start_step = 0
+    state: dict[str, Any] = {}
     if resume_dir is not None:
-        _load_weights(accelerator.unwrap_model(module).model, resume_dir)
-        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
+        if distributed.is_sharded(accelerator):  # every rank reads its own ZeRO/FSDP shards
+            state = distributed.load_sharded_state(accelerator, resume_dir, scheduler)
+        else:
+            distributed.check_checkpoint_kind(accelerator, resume_dir)
+            _load_weights(accelerator.unwrap_model(module).model, resume_dir)
+            state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
+            distributed.restore_rank_rng(accelerator, resume_dir)
         start_step = state["global_step"]
+        if accelerator.is_main_process:  # the log reads as if the run had never stopped
+            ckpt.trim_log(out / "trainer_log.jsonl", start_step)
         if state.get("plan") != [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]:
             raise UserError(f"{resume_dir} was written by a run with another batch plan "
                             f"(micro-batches per step, steps per epoch, total steps = {state.get('plan')}, now "
                             f"{[plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]}).",
                             hint="resume with the same data, batch sizes, accumulation, epochs and processes.")
     main = accelerator.is_main_process
+    step_guard = guard.StepGuard(cfg, [e.source for e in data.train], accelerator,
+                                 scaler_handles_overflow=mixed == "fp16", last_checkpoint=resume_dir, state=state)
     if main:
+        step_guard.check_disk(out, accelerator.unwrap_model(module).model)
         cfg.dump_yaml(out / "config.yaml")
         print(f"train samples {len(train_samples)}, eval samples {len(eval_samples)}, "
               f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
               f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {world} "
-              f"{'packed rows' if packing else 'samples'} per step, precision {mixed}", file=sys.stderr)
+              f"samples per step ({layout} batches), precision {mixed}", file=sys.stderr)
     reports = {r.strip() for r in t.report_to.split(",")}
     log = RunLog(out, total_steps=plan.total_steps, start_step=start_step,
                  tensorboard=bool(reports & {"tensorboard", "all"})) if main else None
 
     # --- loop ---
     module.train()
-    window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0}
+    window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0, "flops": 0.0}
     last_log_time = time.time()
     first_step_seconds = None
     eval_loss = None
     last_batch = None
     totals = {"tokens": 0, "supervised": 0, "step_seconds": 0.0}
     step_started = time.time()
-    for step, batches in step_batches(train_samples, lengths, plan, cfg, start_step, accelerator, packing, pad_id):
+    for step, batches in step_guard.steps(step_batches(train_samples, lengths, plan, cfg, start_step, accelerator,
+                                                       layout, pad_id)):
         local_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
                                               reduction="sum").item())
@@ -256,25 +292,29 @@ def run_training(cfg: RunConfig) -> TrainResult:
         if not batches:  # a rank with no micro-batch in a short last step still joins the collectives
             batches, weight = [last_batch], 0.0
         step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
-                               accelerator=accelerator)
+                               accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
         last_batch = batches[-1]
         window["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
         window["slots"] += int(weight) * sum(b["input_ids"].numel() for b in batches)
+        window["flops"] += weight * sum(flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != -100).sum()),
+                                                         int(b["attention_pairs"])) for b in batches)
         grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
                                               reduction="sum")) / max(global_count, 1)
+        applied = step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
+        if applied:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         if first_step_seconds is None:
             first_step_seconds = time.time() - t_start
             if main:
                 log.bar.write(f"first step after {first_step_seconds:.1f} s from the command")
-        window["loss"] += total_loss
+        window["loss"] += total_loss if applied else 0.0
         totals["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
         totals["supervised"] += global_count
         totals["step_seconds"] += time.time() - step_started
-        window["steps"] += 1
+        window["steps"] += int(applied)
         done = step + 1
         if main:
             elapsed = time.time() - last_log_time
@@ -286,14 +326,20 @@ def run_training(cfg: RunConfig) -> TrainResult:
                 elapsed = time.time() - last_log_time
                 log.record({
                     "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
-                    "loss": window["loss"] / window["steps"], "learning_rate": scheduler.get_last_lr()[0],
+                    # no loss when every step of the window was skipped (nan_policy: skip)
+                    **({"loss": window["loss"] / window["steps"]} if window["steps"] else {}),
+                    **({"skipped_steps": step_guard.skipped} if step_guard.skipped else {}),
+                    "learning_rate": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": window["tokens"] * world,  # non-padding tokens trained in this window
                     "tokens_per_second": window["tokens"] * world / elapsed if elapsed > 0 else None,
                     "padding_share": 1 - window["tokens"] / max(window["slots"], 1),
+                    # useful FLOPs per second (formula in train/flops.py), this rank's times world
+                    "flops_per_second": window["flops"] * world / elapsed if elapsed > 0 else None,
                     "elapsed": round(time.time() - t_start, 2), "eta": round(log.eta(done), 1),
                     "total_steps": plan.total_steps,
                 })
-            window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0}
+            window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0, "flops": 0.0}
             last_log_time = time.time()
         if eval_samples and t.eval_strategy == "steps" and done % (t.eval_steps or t.logging_steps) == 0 \
                 and done != plan.total_steps:
@@ -301,7 +347,13 @@ def run_training(cfg: RunConfig) -> TrainResult:
             if main:
                 log.record({"step": done, "eval_loss": eval_loss})
         if t.save_steps > 0 and done % t.save_steps == 0 and done != plan.total_steps:
-            _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator)
+            _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator, step_guard)
+        if step_guard.stop_signal is not None and done != plan.total_steps:  # SIGINT/SIGTERM: save, then stop
+            if step_guard.saved_step != done:
+                _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator, step_guard)
+            if main:
+                log.close()
+            raise guard.interrupted(step_guard.stop_signal, done, plan.total_steps, out / f"checkpoint-{done}", cfg)
         step_started = time.time()
 
     # --- the end: final eval, outputs written atomically ---
@@ -313,13 +365,16 @@ def run_training(cfg: RunConfig) -> TrainResult:
                "first_step_seconds": round(first_step_seconds or 0.0, 2), "eval_loss": eval_loss,
                "train_samples": len(train_samples), "steps_run": plan.total_steps - start_step,
                "trained_tokens": totals["tokens"] * world, "supervised_tokens": totals["supervised"],
-               "step_seconds": round(totals["step_seconds"], 3),
+               "step_seconds": round(totals["step_seconds"], 3), "skipped_steps": step_guard.skipped,
                "train_tokens_per_second": round(totals["tokens"] * world / max(totals["step_seconds"], 1e-9), 2)}
     accelerator.wait_for_everyone()
+    gathered = distributed.gather_state_dict(accelerator, module)  # every rank joins under ZeRO-3/FSDP
     if main:
         log.close()
         model_to_save = accelerator.unwrap_model(module).model
-        _write_final(model_to_save, tokenizer, out, accelerator)
+        restore_attention(model_to_save)
+        set_adapter_input_casting(model_to_save, enabled=True)
+        _write_final(model_to_save, tokenizer, out, accelerator, gathered)
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
         if t.plot_loss:
             plot_loss(out)
@@ -330,7 +385,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
 
 def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, packing: bool, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+                 accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
     t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
@@ -338,49 +393,55 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
         micro = plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=epoch,
-                                   shuffle=cfg.data.shuffle, packing=packing, max_len=cfg.data.cutoff_len)
+                                   shuffle=cfg.data.shuffle, packing=layout == "masked", max_len=cfg.data.cutoff_len)
         steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
         per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
-        dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], packing, pad_id)
+        dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], layout, pad_id)
         workers = cfg.data.dataloader_num_workers
-        items = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)) if workers \
+        # Its own generator: the workers' seed must not come from (and shift) the RNG that dropout
+        # uses, or a run with workers, and a resumed one, would train differently.
+        items = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                 worker_init_fn=guard.ignore_stop_signals,
+                                                 generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
         for mine in per_step:
             yield step, [next(items) for _ in mine]
             step += 1
 
 
-def _write_final(model: Any, tokenizer: Any, out: Path, accelerator: Any) -> None:
-    """Weights and tokenizer go to a temp folder first, then move next to the run files."""
-    staging = out / ".tmp-final"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_weights(model, tokenizer, staging, accelerator)
-    for item in staging.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    staging.rmdir()
+def _write_final(model: Any, tokenizer: Any, out: Path, accelerator: Any,
+                 gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights and tokenizer go to a temp folder first, then move next to the run files; the run
+    folder's `.complete` marker is written last (see checkpoint.write_final_outputs)."""
+    ckpt.write_final_outputs(out, lambda staging: save_weights(model, tokenizer, staging, accelerator, gathered))
 
 
 def _save_checkpoint(module: Any, optimizer: Any, scheduler: Any, tokenizer: Any, out: Path, step: int,
-                     plan: StepPlan, cfg: RunConfig, accelerator: Any) -> None:
+                     plan: StepPlan, cfg: RunConfig, accelerator: Any, step_guard: guard.StepGuard) -> None:
     accelerator.wait_for_everyone()
+    # Collectives first (every rank): gathered weights, each rank's RNG, ZeRO/FSDP optimizer shards.
+    gathered = distributed.gather_state_dict(accelerator, module)
+    rank_rngs = distributed.gather_rng_states(accelerator)
+    sharded = None if cfg.train.save_only_model else distributed.save_sharded_state(accelerator, out, step, scheduler)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(module).model
+        guard.check_free_space(out, step_guard.checkpoint_size, f"checkpoint-{step}")
 
         def write(folder: Path) -> None:
-            save_weights(model, tokenizer, folder, accelerator)
-            ckpt.save_training_state(folder, optimizer=None if cfg.train.save_only_model else optimizer,
+            save_weights(model, tokenizer, folder, accelerator, gathered)
+            distributed.write_rank_rng(folder, rank_rngs)
+            if sharded is not None:  # optimizer, scheduler and RNG live in accelerate's sharded state
+                sharded.rename(folder / distributed.SHARDED_STATE)
+            ckpt.save_training_state(folder, optimizer=None if cfg.train.save_only_model or sharded else optimizer,
                                      scheduler=scheduler, state={
                                          "global_step": step,
                                          "plan": [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps],
-                                         "epoch": step / plan.steps_per_epoch})
+                                         "epoch": step / plan.steps_per_epoch, **step_guard.state()})
 
         ckpt.atomic_folder(out / f"checkpoint-{step}", write)
         ckpt.rotate(out, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()
+    step_guard.saved(step, out / f"checkpoint-{step}")
 
 
 def _load_weights(model: Any, folder: Path) -> None:
