@@ -143,6 +143,7 @@ class ApiServer(ThreadingHTTPServer):
     """The HTTP server holding the engine; each request runs in its own thread."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog; socketserver's default of 5 resets a burst of new connections
 
     def __init__(self, address: tuple[str, int], engine: Any, *, api_key: str | None, model_id: str) -> None:
         super().__init__(address, _Handler)

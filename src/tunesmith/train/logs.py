@@ -25,7 +25,8 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+            # purge_step drops events a resumed run is about to write again
+            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step + 1 if start_step else None)
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
