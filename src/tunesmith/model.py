@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -249,19 +250,24 @@ def load_tokenizer(model_args: ModelArgs) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _check_weight_files(folder: Path) -> None:
-    """Weights are read from safetensors only: a pickle file can run arbitrary code when loaded."""
+def _check_weight_files(folder: Path, allow_pickle: bool = False) -> bool:
+    """Weights are read from safetensors: a pickle file can run arbitrary code when loaded. Pickled
+    weights only with the explicit opt-in, and then through torch.load(weights_only=True), which
+    refuses anything but tensors and plain containers. Returns True when the pickles are to be read."""
     if any(next(folder.glob(pattern), None) for pattern in SAFE_WEIGHTS):
-        return
+        return False
     pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickled and allow_pickle:
+        return True
     if pickled:
         raise UserError(
             f"{folder}: the weights are only in pickle files ({', '.join(pickled[:3])}"
             f"{', ...' if len(pickled) > 3 else ''}). Unpickling can run arbitrary code hidden in the file, so "
             "tunesmith reads safetensors only.",
-            hint="if you trust the files, convert them once: python -c \"from transformers import "
+            hint="if you trust the files, set allow_pickle_weights: true (read with "
+                 "torch.load(weights_only=True)), or convert them once: python -c \"from transformers import "
                  "AutoModelForCausalLM as M; M.from_pretrained('IN', use_safetensors=False)"
-                 ".save_pretrained('OUT')\" (this loads with torch.load(weights_only=True)), then use OUT.")
+                 ".save_pretrained('OUT')\", then use OUT.")
     present = sorted(p.name for p in folder.iterdir())[:8]
     raise UserError(f"{folder}: no model weights (*.safetensors) found; the folder holds: {', '.join(present)}.")
 
@@ -290,17 +296,22 @@ def load_model(model_args: ModelArgs, *, dtype: torch.dtype | None = None,
     folder = resolve_model_path(model_args.model_name_or_path)
     config = _read_config_json(folder)
     _check_remote_code(folder, config, model_args.trust_remote_code)
-    _check_weight_files(folder)
+    pickled = _check_weight_files(folder, model_args.allow_pickle_weights)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{device}' was asked for, but torch sees no CUDA GPU here.")
     attn = _attention_choice(model_args.attn_implementation, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or torch.float32, use_safetensors=True,
+            folder, dtype=dtype or torch.float32, use_safetensors=not pickled, weights_only=True,
             trust_remote_code=model_args.trust_remote_code, attn_implementation=attn,
             device_map=None if device.type == "cpu" else {"": device},
         )
+    except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        raise UserError(f"{folder}: the pickled weights hold more than tensors, so they were not loaded (they "
+                        f"could run code){': ' + found if found else '.'}",
+                        hint="use weights from a source you trust, preferably as safetensors.") from None
     except (ValueError, ImportError, OSError) as exc:
         remote = _remote_code_error(exc, folder)
         if remote:
@@ -411,6 +422,36 @@ def _freeze_layer_indices(count: int, trainable: int) -> list[int]:
         raise UserError(f"freeze_trainable_layers is {trainable}; this model has {count} decoder layers, so use "
                         f"1..{count} (the last N layers) or -1..-{count} (the first N).")
     return list(range(count - trainable, count)) if trainable > 0 else list(range(-trainable))
+
+
+def base_dtype_for_training(model_args: ModelArgs, finetuning_type: str, precision: str) -> torch.dtype:
+    """The dtype to load the base weights in for training.
+
+    Under bf16 mixed precision the frozen weights of a LoRA run are stored in bf16, so autocast
+    does not cast them again at every matrix product (bench/RESULTS.md); trainable weights are
+    upcast to fp32 by apply_finetuning. Frozen layers of a freeze run are saved with the model,
+    so they stay fp32 unless the checkpoint itself is stored in bf16 (nothing to lose then).
+    """
+    import torch
+
+    if precision != "bf16" or finetuning_type == "full":
+        return torch.float32
+    if finetuning_type == "lora":
+        return torch.bfloat16
+    stored = _read_config_json(resolve_model_path(model_args.model_name_or_path))
+    stored_dtype = stored.get("dtype") or stored.get("torch_dtype")
+    return torch.bfloat16 if stored_dtype == "bfloat16" else torch.float32
+
+
+def set_adapter_input_casting(model: nn.Module, enabled: bool) -> None:
+    """peft casts each LoRA input to the adapter's fp32 and autocast casts it straight back to
+    bf16: under autocast that round trip is exact and only costs copies, so training turns it
+    off and turns it on again before the model is used without autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = enabled
 
 
 def _upcast_trainable(model: nn.Module) -> None:

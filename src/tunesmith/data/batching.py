@@ -1,17 +1,31 @@
-"""From tokenized samples to model inputs: padded micro-batches or padding-free packed rows.
+"""From tokenized samples to model inputs: padded micro-batches or padding-free packed ones.
 
 The order of samples is a pure function of (seed, epoch), so a resumed run sees exactly the
 batches the uninterrupted run would have seen (no data-loader state to save).
+
+A micro-batch is always the same `batch_size` samples of the shuffled order; packing changes
+only how they are laid out, never which samples train together, so a packed run computes the
+same loss as a padded one step by step (DESIGN §2.3). Three layouts exist:
+
+- padded: one sample per row, right-padded to the longest;
+- varlen: every sample of the micro-batch concatenated into one row with no padding at all,
+  position_ids restarting per sample and the sample boundaries as `cu_seq_lens` (what varlen
+  flash attention and our per-sample sdpa take, so attention never crosses a boundary and
+  never spends work on masked blocks);
+- masked: samples best-fit into rows of at most `max_len` tokens with a 4D block-diagonal
+  causal mask (for attention kernels that take neither, e.g. eager).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 IGNORE = -100
+LAYOUTS = ("padded", "varlen", "masked")
 
 
 @dataclass
@@ -29,25 +43,44 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 
 
 def plan_micro_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                       packing: bool, max_len: int) -> list[list[list[int]]]:
+                       packing: bool, max_len: int, group_by_length: bool = False) -> list[list[list[int]]]:
     """The micro-batches of one epoch: each a list of rows, each row a list of sample indices.
 
-    Padded: one sample per row, `batch_size` consecutive samples of the shuffled order.
-    Packed: best-fit-decreasing over the whole dataset into rows of at most `max_len` tokens
-    (so no sample is dropped or split), rows shuffled, `batch_size` rows per micro-batch.
+    Every micro-batch holds `batch_size` consecutive samples of the epoch's order (the last may
+    hold fewer). Padded: one sample per row. Packed: those samples best-fit into rows of at most
+    `max_len` tokens (no sample dropped, split or repeated). With `group_by_length` the order is
+    a shuffled sequence of micro-batches of similar lengths (less padding; changes which samples
+    train together).
     """
-    if packing:
-        rows = pack_best_fit(lengths, max_len)
-        rows = [rows[i] for i in epoch_order(len(rows), seed, epoch, shuffle)]
-    else:
-        rows = [[i] for i in epoch_order(len(lengths), seed, epoch, shuffle)]
-    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    order = epoch_order(len(lengths), seed, epoch, shuffle)
+    if group_by_length:
+        order = _length_grouped(order, lengths, batch_size, seed, epoch, shuffle)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if not packing:
+        return [[[i] for i in batch] for batch in batches]
+    return [[[batch[k] for k in row] for row in pack_best_fit([lengths[i] for i in batch], max_len)]
+            for batch in batches]
+
+
+def _length_grouped(order: list[int], lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                    shuffle: bool) -> list[int]:
+    """Sort by length inside windows of 50 micro-batches, then shuffle the micro-batches: similar
+    lengths train together while the epoch still mixes short and long ones."""
+    window = 50 * batch_size
+    grouped: list[list[int]] = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        grouped.extend(part[k : k + batch_size] for k in range(0, len(part), batch_size))
+    keep_last = grouped.pop() if grouped and len(grouped[-1]) < batch_size else None
+    grouped = [grouped[i] for i in epoch_order(len(grouped), seed + 1, epoch, shuffle)]
+    if keep_last is not None:  # the one short micro-batch stays last, so every other one is full
+        grouped.append(keep_last)
+    return [i for batch in grouped for i in batch]
 
 
 def pack_best_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing: every sample in exactly one row, rows <= max_len tokens."""
-    import bisect
-
+    """Best-fit-decreasing bin packing: every sample in exactly one row, rows <= max_len tokens
+    (a sample longer than max_len gets a row of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (space left, row id), kept sorted
@@ -64,6 +97,25 @@ def pack_best_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     return rows
 
 
+def collate(rows: Sequence[Sequence[Sample]], pad_id: int, layout: str) -> dict[str, torch.Tensor]:
+    """One planned micro-batch in the given layout."""
+    if layout == "varlen":
+        return collate_varlen([s for row in rows for s in row])
+    if layout == "masked":
+        return collate_packed(rows, pad_id)
+    if layout == "padded":
+        return collate_padded([s for row in rows for s in row], pad_id)
+    raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def _sample_fields(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    lengths = [len(s.input_ids) for s in samples]
+    return {"sample_index": torch.tensor([s.index for s in samples]),
+            "num_tokens": torch.tensor(sum(lengths)),
+            # sum of squared sample lengths: the attention work of the micro-batch (train/flops.py)
+            "attention_pairs": torch.tensor(sum(n * n for n in lengths))}
+
+
 def collate_padded(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding has label -100 and attention 0."""
     width = max(len(s.input_ids) for s in samples)
@@ -75,36 +127,57 @@ def collate_padded(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Te
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "sample_index": torch.tensor([s.index for s in samples]),
-            "num_tokens": torch.tensor(sum(len(s.input_ids) for s in samples))}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **_sample_fields(samples)}
+
+
+def _concatenated(samples: Sequence[Sample]) -> tuple[list[int], list[int], list[int]]:
+    """ids, labels and positions of samples laid end to end. Each sample's first label is
+    ignored: in a packed row it would be predicted from the previous sample's last token."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for s in samples:
+        ids += s.input_ids
+        labels += [IGNORE, *s.labels[1:]]
+        positions += range(len(s.input_ids))
+    return ids, labels, positions
+
+
+def collate_varlen(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """All samples in one row without padding; `cu_seq_lens_q/k` mark where each starts and ends
+    (the keyword names transformers passes to varlen attention kernels)."""
+    ids, labels, positions = _concatenated(samples)
+    bounds = [0]
+    for s in samples:
+        bounds.append(bounds[-1] + len(s.input_ids))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = torch.tensor(max(len(s.input_ids) for s in samples))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
+            "max_length_q": longest, "max_length_k": longest.clone(), **_sample_fields(samples)}
 
 
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D
-    block-diagonal causal mask so attention never crosses a sample boundary (DESIGN §2.4)."""
+    """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D boolean
+    block-diagonal causal mask (True = may attend) so attention never crosses a sample boundary
+    (DESIGN §2.4). Kernels that add the mask instead (eager) get it converted in train/loss.py."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     segment = torch.full((n, width), -1, dtype=torch.long)  # which sample each token belongs to; -1 = padding
-    indices = []
     for r, row in enumerate(rows):
-        at = 0
-        for k, s in enumerate(row):
-            m = len(s.input_ids)
-            ids[r, at : at + m] = torch.tensor(s.input_ids)
-            labels[r, at : at + m] = torch.tensor(s.labels)
-            positions[r, at : at + m] = torch.arange(m)
-            segment[r, at : at + m] = k
-            at += m
-            indices.append(s.index)
+        row_ids, row_labels, row_positions = _concatenated(row)
+        m = len(row_ids)
+        ids[r, :m] = torch.tensor(row_ids)
+        labels[r, :m] = torch.tensor(row_labels)
+        positions[r, :m] = torch.tensor(row_positions)
+        segment[r, :m] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor([len(s.input_ids) for s in row]))
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
     allowed = same & causal
-    # Padding rows attend to themselves so softmax never sees an all-masked row.
+    # Padding attends to itself so softmax never sees an all-masked row.
     allowed |= torch.eye(width, dtype=torch.bool)[None]
     return {"input_ids": ids, "labels": labels, "attention_mask": allowed[:, None, :, :],
-            "position_ids": positions, "sample_index": torch.tensor(indices),
-            "num_tokens": torch.tensor(int((segment >= 0).sum()))}
+            "position_ids": positions, **_sample_fields([s for row in rows for s in row])}

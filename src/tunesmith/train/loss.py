@@ -3,7 +3,7 @@
 Only positions whose next token is trained reach the output head, and the head's logits are
 computed chunk by chunk inside one autograd function that also forms their gradient, so the
 full (tokens x vocabulary) logits and their gradient never exist at once and nothing is
-recomputed.
+recomputed: the backward pass only scales the gradients formed in forward.
 """
 
 from __future__ import annotations
@@ -14,36 +14,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.train.attention import forward_kwargs
+
 IGNORE = -100
-CHUNK_TOKENS = 1024
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): e.g. 341 tokens of a 49k vocabulary
+
+
+def chunk_tokens(vocab: int) -> int:
+    return max(16, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), with the gradient formed chunk by chunk in forward."""
+    """sum_i CE(hidden_i @ weight.T, target_i), with the gradient formed chunk by chunk in forward.
+
+    The matrix products run in `dtype` (the autocast dtype under mixed precision); the weight is
+    cast once per call rather than once per chunk, and softmax, log-sum-exp and the gradient of
+    the logits are formed in float32.
+    """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk]
-            y = targets[start : start + chunk]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                # d(sum CE)/d logits = softmax - onehot
-                probs = torch.exp(logits - lse[:, None])
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                g = probs.to(h.dtype)
-                if need_h:
-                    grad_h[start : start + chunk] = g @ weight.to(g.dtype)
-                if need_w:
-                    grad_w += (g.t() @ h.to(g.dtype)).float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                y = targets[start : start + chunk]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    # d(sum CE)/d logits = softmax - onehot, formed in place of the logits
+                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                    g = grad.to(dtype)
+                    if need_h:
+                        grad_h[start : start + chunk] = g @ w
+                    if need_w:
+                        grad_w += (g.t() @ h).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
@@ -59,12 +71,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = stored * grad_out.to(stored.dtype)
         if need_w:
             grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+                         chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` (no ignored entries), chunked."""
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, _compute_dtype(hidden, weight))
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -82,14 +103,13 @@ def _plain_head(model: nn.Module, head: nn.Module) -> bool:
     return type(head) is nn.Linear and head.bias is None and not post
 
 
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK_TOKENS) -> tuple[torch.Tensor, int]:
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over supervised tokens, their count) for one micro-batch.
 
     Labels are aligned with input_ids; position t predicts labels[t + 1] (the HF shift).
     """
     backbone, head = _split(model)
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs).last_hidden_state
+    hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).last_hidden_state
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
@@ -100,6 +120,7 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CH
     y = targets[keep]
     if _plain_head(model, head):
         return linear_cross_entropy(h, head.weight, y, chunk), count
+    chunk = chunk or chunk_tokens(head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         total = total + torch.utils.checkpoint.checkpoint(
@@ -121,8 +142,7 @@ class SFTModule(nn.Module):
 
 def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """The plain way (full logits + cross-entropy), kept as the oracle for tests."""
-    kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    logits = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits.float()
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).logits.float()
     targets = batch["labels"][:, 1:]
     total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                             ignore_index=IGNORE, reduction="sum")

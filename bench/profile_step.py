@@ -1,0 +1,138 @@
+"""Time (and optionally profile) training steps of the engine's building blocks, variant by variant.
+
+    python bench/profile_step.py [--variants padded,varlen,...] [--steps 4] [--rows 40] [--profile VARIANT]
+
+The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca_en_demo,
+cutoff 512, 4 samples per step), run in one process so that variants alternate step by step and
+share the machine's conditions. A variant is `layout[+precision][+option]`:
+
+    layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
+    precision  fp32 (default) | autocast (fp32 weights, bf16 autocast) | bf16base (frozen base
+               stored in bf16, adapters fp32, bf16 autocast)
+    option     bf16attn (keep sdpa in bf16 on the CPU instead of computing it in fp32);
+               nocast (peft does not cast LoRA inputs to the adapters' fp32 under autocast)
+
+It prints, per variant, the median step time and the non-padding tokens per second. By default
+time is this process's CPU time, which a busy machine disturbs far less than wall time; use
+--threads 1 with it (or --clock wall on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="padded,grouped,varlen,masked,varlen+autocast,varlen+bf16base")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--cutoff", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                        help="cpu: this process's CPU time, steadier than wall time on a busy machine "
+                             "(meaningful with --threads 1)")
+    parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
+    parser.add_argument("--data", default=str(DATA))
+    args = parser.parse_args()
+
+    import torch
+
+    from tunesmith.config import load_config
+    from tunesmith.data.batching import Sample, collate, plan_micro_batches
+    from tunesmith.data.pipeline import tokenize_datasets
+    from tunesmith.model import apply_finetuning, load_model, load_tokenizer
+    from tunesmith.train.attention import choose_layout
+    from tunesmith.train.loss import token_loss
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(None, {"dataset": "alpaca_en_demo", "dataset_dir": args.data, "max_samples": args.rows,
+                             "cutoff_len": args.cutoff, "output_dir": "/tmp/tunesmith-profile",
+                             "preprocessing_num_workers": 1, "lora_target": "all", "lora_rank": 8})
+    tokenizer = load_tokenizer(cfg.model)
+    encoded = tokenize_datasets(cfg, tokenizer).train
+    samples = [Sample(e.input_ids, e.labels, i) for i, e in enumerate(encoded)]
+    lengths = [len(s.input_ids) for s in samples]
+
+    def build(variant: str):
+        layout, *options = variant.split("+")
+        bf16_base = "bf16base" in options
+        model = load_model(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32)
+        model = apply_finetuning(model, cfg.finetune, verbose=False)
+        packing = layout in ("varlen", "masked")
+        if packing:
+            chosen = choose_layout(model, True)
+            if layout == "masked":  # force the mask path on sdpa
+                from tunesmith.train.attention import restore_attention
+
+                restore_attention(model)
+            elif chosen != layout:
+                raise SystemExit(f"{variant}: the model gives layout {chosen}")
+        plan = plan_micro_batches(lengths, batch_size=args.batch, seed=0, epoch=0, shuffle=True,
+                                  packing=layout == "masked", max_len=args.cutoff,
+                                  group_by_length=layout == "grouped")
+        batches = [collate([[samples[j] for j in row] for row in micro], tokenizer.pad_token_id,
+                           "padded" if layout == "grouped" else layout) for micro in plan]
+        if "nocast" in options:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = False
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        mixed = "autocast" in options or bf16_base
+        return model, batches, optimizer, mixed
+
+    def step(model, batch, optimizer, mixed, variant: str) -> float:
+        from tunesmith.train import attention
+
+        attention.CPU_FP32_ATTENTION = "bf16attn" not in variant
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        started = clock()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
+            loss, count = token_loss(model, batch)
+        (loss / max(count, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return clock() - started
+
+    variants = args.variants.split(",") if not args.profile else [args.profile]
+    built = {v: build(v) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    tokens: dict[str, list[int]] = {v: [] for v in variants}
+    for v in variants:  # warm-up
+        model, batches, optimizer, mixed = built[v]
+        step(model, batches[0], optimizer, mixed, v)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        model, batches, optimizer, mixed = built[args.profile]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(1, 1 + args.steps):
+                step(model, batches[i], optimizer, mixed, args.profile)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        return
+    for i in range(args.steps):  # variants alternate, step by step
+        for v in variants:
+            model, batches, optimizer, mixed = built[v]
+            # steps spread evenly over the epoch, so that layouts that order samples differently
+            # (grouped) are timed on a like mix of lengths
+            batch = batches[1 + i * (len(batches) - 1) // args.steps]
+            times[v].append(step(model, batch, optimizer, mixed, v))
+            tokens[v].append(int(batch["num_tokens"]))
+    print(f"{'variant':<22} {'median step s':>13} {'tokens/s':>9}")
+    for v in variants:
+        rate = sum(tokens[v]) / sum(times[v])
+        print(f"{v:<22} {statistics.median(times[v]):>13.3f} {rate:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

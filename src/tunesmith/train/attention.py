@@ -1,0 +1,118 @@
+"""Attention over packed samples without cross-contamination and without wasted work (DESIGN §2.4).
+
+A padding-free micro-batch (data/batching.py, layout "varlen") is one row of samples laid end to
+end plus their boundaries `cu_seq_lens_q/k`. Flash attention 2 takes those boundaries natively
+(transformers passes them to `flash_attn_varlen_func`). For sdpa we register one more attention
+implementation with transformers' AttentionInterface: it runs sdpa causally on each sample's
+slice, so no work goes to the masked blocks between samples and no (T x T) mask is built. Any
+batch without boundaries (padded batches, eval, generation) goes to transformers' own sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+VARLEN_SDPA = "tunesmith_varlen_sdpa"
+CPU_FP32_ATTENTION = True
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None,
+                          cu_seq_lens_k: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """sdpa per sample when the batch carries sample boundaries; plain sdpa otherwise."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    whole_rows = query.shape[0] == 1 and query.shape[2] == key.shape[2] and attention_mask is None
+    if cu_seq_lens_q is None or not whole_rows:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    dtype = query.dtype
+    if CPU_FP32_ATTENTION and query.device.type == "cpu" and dtype == torch.bfloat16:
+        # Measured (bench/RESULTS.md): torch's CPU flash-attention backward is several times slower
+        # in bf16 than in fp32, while the casts cost little next to it.
+        query, key, value = query.float(), key.float(), value.float()
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                      dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+               for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return torch.cat(outputs, dim=1).to(dtype), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches get sdpa's usual masks
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_implementation(model: nn.Module) -> str:
+    return str(getattr(_base(model).config, "_attn_implementation", None) or "eager")
+
+
+def _sliding_window(model: nn.Module) -> bool:
+    config = _base(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
+def choose_layout(model: nn.Module, packing: bool) -> str:
+    """The batch layout for training; switches sdpa models to the per-sample sdpa.
+
+    varlen whenever the kernel allows it (flash attention, or sdpa on a model without
+    sliding-window layers, which would need the mask): it computes exactly what the padded layout
+    does, with no padding and no attention between samples, and measured fastest of all layouts
+    (bench/RESULTS.md), so it is used whether or not packing was asked for. Otherwise masked
+    (packing asked for) or padded.
+    """
+    implementation = attention_implementation(model)
+    if implementation.startswith("flash_attention") or implementation == VARLEN_SDPA:
+        return "varlen"
+    if implementation == "sdpa" and not _sliding_window(model):
+        _register()
+        _base(model).set_attn_implementation(VARLEN_SDPA)
+        return "varlen"
+    return "masked" if packing else "padded"
+
+
+def restore_attention(model: nn.Module) -> None:
+    """Put a model switched by choose_layout back on plain sdpa (before it leaves the trainer)."""
+    if attention_implementation(model) == VARLEN_SDPA:
+        _base(model).set_attn_implementation("sdpa")
+
+
+def forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The backbone's keyword arguments for a collated batch, in the form its attention kernel needs."""
+    import torch
+
+    kwargs: dict[str, Any] = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if "cu_seq_lens_q" in batch:
+        implementation = attention_implementation(model)
+        if not (implementation.startswith("flash_attention") or implementation == VARLEN_SDPA):
+            raise ValueError(f"a padding-free batch needs varlen attention; this model uses {implementation!r} "
+                             "(collate it with layout 'masked' instead)")
+        kwargs.update({k: batch[k] for k in _VARLEN_KEYS[:2]})
+        kwargs.update({k: int(batch[k]) for k in _VARLEN_KEYS[2:]})  # flash-attn wants plain ints
+        if implementation == VARLEN_SDPA:
+            # An all-ones padding mask makes transformers skip building a (T x T) packed mask that
+            # the per-sample kernel would ignore anyway.
+            kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.ndim == 4 and mask.dtype == torch.bool and attention_implementation(model) == "eager":
+        # eager adds the mask to the scores: a boolean one would mask nothing.
+        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        kwargs["attention_mask"] = additive.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    return kwargs
