@@ -3,18 +3,25 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test browser lint soak bench clean
 
-$(STAMP): pyproject.toml
+# torch first, pinned to the CPU wheel on this machine's disk, so nothing pulls a CUDA build.
+$(BASE): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e .
+	touch $(BASE)
 
-demo: $(STAMP)
+# Test tools, the web UI and the openai client, on top of the base install.
+$(DEV): $(BASE)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV)
+
+demo: $(BASE)
 	$(BIN)/python examples/demo.py
 
 # The web UI test drives Debian's chromium (never a browser download); installed once, as root or via sudo.
@@ -25,14 +32,14 @@ browser:
 			chromium chromium-driver fonts-liberation; \
 	fi
 
-test: $(STAMP) browser
+test: $(DEV) browser
 	$(BIN)/tunesmith env --provision >/dev/null
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check src tests examples bench
 
-soak: $(STAMP)
+soak: $(DEV)
 	$(BIN)/python -m pytest -q -m soak
 
 clean:
