@@ -5,15 +5,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import subprocess
-import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
+from helpers import start_api_server
 
 openai = pytest.importorskip("openai")
 
@@ -48,26 +45,9 @@ def server(tmp_path_factory, tiny_model_dir, tiny_lora_run):
                                    "do_sample": False, "max_new_tokens": 8}))
     env = {**os.environ, "API_KEY": API_KEY, "OMP_NUM_THREADS": "1"}
     env.pop("API_HOST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(cfg), "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    log: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:  # keep reading so the server never blocks on a full pipe
-        for line in proc.stderr:
-            log.append(line)
-            if "Serving an OpenAI-compatible API" in line:
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 240
-    while not ready.wait(0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not start:\n" + "".join(log))
-    match = re.search(r"http://([\d.]+):(\d+)/v1", "".join(log))
-    assert match and match.group(1) == "127.0.0.1"  # the safe default bind address
-    yield Server(proc, match.group(1), int(match.group(2)), log)
+    proc, host, port, log = start_api_server(cfg, env)
+    assert host == "127.0.0.1"  # the safe default bind address
+    yield Server(proc, host, port, log)
     proc.terminate()
     proc.wait(timeout=30)
     assert not [line for line in log if "Traceback" in line or "internal error" in line], "".join(log)

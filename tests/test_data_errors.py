@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_formats import make_dataset
+from helpers import make_dataset
 
 from tunesmith.data.formats import load_conversations, to_conversation
 from tunesmith.data.readers import read_rows

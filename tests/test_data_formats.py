@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_dataset
 
 from tunesmith.data.formats import load_conversations, to_conversation
 from tunesmith.data.readers import read_rows
@@ -18,19 +19,6 @@ from tunesmith.template import Conversation
 GOLDENS = Path(__file__).parent / "goldens"
 
 
-def make_dataset(folder: Path, entries: dict[str, dict], files: dict[str, str | bytes | list]) -> Path:
-    """A dataset_dir with the given dataset_info.json entries and files (lists are written as a JSON list)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dataset_info.json").write_text(json.dumps(entries), encoding="utf-8")
-    for name, content in files.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, list):
-            content = json.dumps(content, ensure_ascii=False, indent=2)
-        if isinstance(content, str):
-            content = content.encode("utf-8")
-        path.write_bytes(content)
-    return folder
 
 
 def as_json(conv: Conversation) -> dict:

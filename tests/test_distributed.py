@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import identity_dataset
 
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
@@ -22,16 +23,6 @@ from tunesmith.train import distributed
 REPO = Path(__file__).resolve().parents[1]
 DS_DIR = REPO / "examples" / "deepspeed"
 FSDP_YAML = REPO / "examples" / "accelerate" / "fsdp2_config.yaml"
-
-
-def make_dataset(folder: Path, shared_data: Path, rows: int = 12) -> Path:
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:rows]
-    for row in data:
-        row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ident.json").write_text(json.dumps(data))
-    (folder / "dataset_info.json").write_text(json.dumps({"ident": {"file_name": "ident.json"}}))
-    return folder
 
 
 def run_config(tmp: Path, model_dir: Path, data_dir: Path, out: Path, **extra: object) -> dict:
@@ -74,7 +65,7 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_equal_one_and_resume_identically(tmp_path, tiny_model_dir, shared_data):
-    data_dir = make_dataset(tmp_path / "data", shared_data)
+    data_dir = identity_dataset(tmp_path / "data", shared_data)
     torch.set_num_threads(1)
 
     # 1 process, batch 1 x accumulation 4 (in-process)
@@ -257,7 +248,7 @@ def test_cli_names_the_deepspeed_install_command(tmp_path, tiny_model_dir, share
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here")
-    data_dir = make_dataset(tmp_path / "data", shared_data)
+    data_dir = identity_dataset(tmp_path / "data", shared_data)
     cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, tiny_model_dir, data_dir, tmp_path / "out",
                                                        deepspeed=str(DS_DIR / "ds_z2_config.json")))
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg)], capture_output=True, text=True,

@@ -42,10 +42,11 @@ def logits(model, batch):
 @pytest.mark.parametrize("implementation,layout", [("sdpa", "varlen"), ("eager", "masked"), ("sdpa", "masked")])
 def test_packed_samples_do_not_see_each_other(implementation, layout):
     model = tiny_llama(implementation)
-    if layout == "varlen":
-        assert choose_layout(model, packing=True) == "varlen"
+    if layout == "varlen":  # chosen for sdpa whether or not packing was asked for
+        assert choose_layout(model, packing=False) == "varlen"
         assert attention_implementation(model) == VARLEN_SDPA
-    else:
+    elif implementation == "eager":
+        assert choose_layout(model, packing=True) == "masked"
         assert choose_layout(model, packing=False) == "padded"
     first, other_first, second = sample(0, 3, 11), sample(0, 100, 11), sample(1, 50, 9)
     alone = logits(model, collate([[second]], 0, "padded"))[0]
@@ -149,12 +150,13 @@ def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shar
         run_training(load_config(None, overrides))
         return [json.loads(x) for x in (tmp_path / name / "trainer_log.jsonl").read_text().splitlines()]
 
-    padded = run("padded")
-    packed = run("packed", packing=True)
-    masked = run("masked", neat_packing=True, attn_implementation="eager")
+    padded = run("padded", attn_implementation="eager")  # eager has no varlen kernel: padded batches
+    packed = run("packed", packing=True)  # sdpa: padding-free, per-sample attention
+    masked = run("masked", neat_packing=True, attn_implementation="eager")  # block-diagonal mask
     assert len(padded) == 4
     for a, b, c in zip(padded, packed, masked, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["loss"] - c["loss"]) < 1e-5, (a, b, c)
     assert max(p["padding_share"] for p in padded) > 0.05, [p["padding_share"] for p in padded]
     assert all(p["padding_share"] == 0 for p in packed)
+    assert max(p["padding_share"] for p in masked) > 0  # rows of one micro-batch differ in length
     assert all(p["flops_per_second"] > 0 and p["tokens_per_second"] > 0 for p in packed + padded)

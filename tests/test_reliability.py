@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import identity_dataset
 
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
@@ -29,16 +30,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-def write_identity_data(folder: Path, shared_data: Path, rows: int = 24) -> Path:
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:rows]
-    for row in data:
-        row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ident.json").write_text(json.dumps(data))
-    (folder / "dataset_info.json").write_text(json.dumps({"ident": {"file_name": "ident.json"}}))
-    return folder
-
 
 def settings(model_dir: Path, data_dir: Path, out: Path, **extra: object) -> dict:
     cfg = {"model_name_or_path": str(model_dir), "dataset": "ident", "dataset_dir": str(data_dir),
@@ -131,7 +122,7 @@ def kill_setup(tmp_path_factory, tiny_model_dir):
     if not (SHARED_DATA / "dataset_info.json").exists():
         pytest.skip("shared data folder not found next to the repository")
     root = tmp_path_factory.mktemp("kill")
-    data = write_identity_data(root / "data", SHARED_DATA)
+    data = identity_dataset(root / "data", SHARED_DATA, rows=24)
     # Gradient accumulation, dropout (the RNG state must come back) and 6 steps per epoch, so
     # the kills land mid-epoch and resumes cross epochs.
     base = settings(tiny_model_dir, data, root / "ref", max_steps=36, save_steps=4, gradient_accumulation_steps=2,
@@ -237,7 +228,7 @@ def test_second_signal_stops_at_once(kill_setup):
 
 @pytest.fixture()
 def data_dir(tmp_path, shared_data) -> Path:
-    return write_identity_data(tmp_path / "data", shared_data)
+    return identity_dataset(tmp_path / "data", shared_data, rows=24)
 
 
 def test_resume_is_exact_with_packing_and_accumulation_mid_epoch(tmp_path, tiny_model_dir, data_dir):

@@ -8,15 +8,13 @@ import http.client
 import json
 import os
 import re
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import start_api_server
 
 pytestmark = pytest.mark.soak
 
@@ -41,24 +39,7 @@ def server(tmp_path, tiny_model_dir, tiny_lora_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("API_KEY", "API_HOST", "API_PORT"):
         env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(cfg), "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    log: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        for line in proc.stderr:
-            log.append(line)
-            if "Serving an OpenAI-compatible API" in line:
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 240
-    while not ready.wait(0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("server did not start:\n" + "".join(log))
-    host, port = re.search(r"http://([\d.]+):(\d+)/v1", "".join(log)).groups()
+    proc, host, port, log = start_api_server(cfg, env)
     yield proc, host, int(port), log
     proc.terminate()
     proc.wait(timeout=30)

@@ -10,19 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import identity_dataset
 
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
-
-
-def make_dataset(folder: Path, shared_data: Path, rows: int = 12) -> Path:
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:rows]
-    for row in data:
-        row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ident.json").write_text(json.dumps(data))
-    (folder / "dataset_info.json").write_text(json.dumps({"ident": {"file_name": "ident.json"}}))
-    return folder
 
 
 def base_overrides(tmp_path: Path, model_dir: Path, data_dir: Path, **extra: object) -> dict:
@@ -43,7 +34,7 @@ def losses(output_dir: Path) -> list[float]:
 
 @pytest.fixture()
 def data_dir(tmp_path, shared_data) -> Path:
-    return make_dataset(tmp_path / "data", shared_data)
+    return identity_dataset(tmp_path / "data", shared_data)
 
 
 def train(overrides: dict):
