@@ -128,6 +128,10 @@ def main() -> None:
             batch = batches[1 + i * (len(batches) - 1) // args.steps]
             times[v].append(step(model, batch, optimizer, mixed, v))
             tokens[v].append(int(batch["num_tokens"]))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of this process (all variants' models together): {peak:.2f} GiB")
     print(f"{'variant':<22} {'median step s':>13} {'tokens/s':>9}")
     for v in variants:
         rate = sum(tokens[v]) / sum(times[v])

@@ -16,6 +16,7 @@ from tunesmith.data.batching import (
     collate_packed,
     collate_varlen,
     plan_micro_batches,
+    split_varlen,
 )
 from tunesmith.train.attention import VARLEN_SDPA, attention_implementation, choose_layout, forward_kwargs
 
@@ -160,3 +161,44 @@ def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shar
     assert all(p["padding_share"] == 0 for p in packed)
     assert max(p["padding_share"] for p in masked) > 0  # rows of one micro-batch differ in length
     assert all(p["flops_per_second"] > 0 and p["tokens_per_second"] > 0 for p in packed + padded)
+
+
+def test_flash_attention_gets_varlen_arguments_and_no_mask():
+    """flash-attn is GPU-only and absent here: check what the backbone would be given."""
+    model = tiny_llama("sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    assert choose_layout(model, packing=False) == "varlen"
+    assert attention_implementation(model) == "flash_attention_2"  # left as it is
+    batch = collate_varlen([sample(0, 3, 5), sample(1, 9, 4)])
+    kwargs = forward_kwargs(model, batch)
+    assert "attention_mask" not in kwargs
+    assert kwargs["cu_seq_lens_q"].tolist() == kwargs["cu_seq_lens_k"].tolist() == [0, 5, 9]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5 and isinstance(kwargs["max_length_q"], int)
+    assert kwargs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+
+
+def test_split_pieces_add_up_to_the_micro_batch():
+    from tunesmith.train.loss import token_loss
+
+    samples = [sample(i, 11 * i, n) for i, n in enumerate((7, 3, 12, 5, 5, 2))]
+    whole = collate_varlen(samples)
+    pieces = split_varlen(whole, 10)
+    assert [p["sample_index"].tolist() for p in pieces] == [[0, 1], [2], [3, 4], [5]]  # 12 > 10 stays whole
+    assert all(int(p["num_tokens"]) == p["input_ids"].shape[1] for p in pieces)
+    for p in pieces:
+        expected = collate_varlen([samples[i] for i in p["sample_index"].tolist()])
+        assert all(torch.equal(p[k], expected[k]) for k in expected), p["sample_index"]
+    assert split_varlen(whole, None) == [whole] and split_varlen(whole, 34) == [whole]
+
+    model = tiny_llama("sdpa").train()
+    choose_layout(model, packing=False)
+    loss, count = token_loss(model, whole)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    parts = [token_loss(model, p) for p in pieces]
+    for part, _ in parts:
+        part.backward()
+    assert sum(n for _, n in parts) == count
+    assert torch.allclose(sum(part for part, _ in parts), loss, rtol=1e-6)
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads, strict=True))

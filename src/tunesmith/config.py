@@ -52,8 +52,9 @@ class DataArgs:
     mask_history: bool = opt(False, "Learn only the last assistant turn of each conversation.")
     preprocessing_num_workers: int | None = opt(None, "Processes for tokenization (default: CPU cores).")
     dataloader_num_workers: int = opt(0, "Worker processes feeding batches to the training loop.")
-    packing: bool = opt(False, "Pack several samples into one row (attention kept inside each sample).")
-    neat_packing: bool = opt(False, "Packing without cross-attention between samples (same as packing here).")
+    packing: bool = opt(False, "Training is padding-free on sdpa/flash attention whatever this says; with other "
+                        "kernels, pack each micro-batch into rows with a block-diagonal mask.")
+    neat_packing: bool = opt(False, "Same as packing: packed samples never attend to each other.")
     tokenized_path: str | None = opt(None, "Save the tokenized data here, or load it from here if present.")
     overwrite_cache: bool = opt(False, "Re-tokenize even when a cached result exists.")
     skip_invalid: bool = opt(False, "Skip invalid rows (reported) instead of stopping.")

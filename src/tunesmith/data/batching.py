@@ -14,6 +14,9 @@ same loss as a padded one step by step (DESIGN §2.3). Three layouts exist:
   never spends work on masked blocks);
 - masked: samples best-fit into rows of at most `max_len` tokens with a 4D block-diagonal
   causal mask (for attention kernels that take neither, e.g. eager).
+
+A varlen micro-batch can also be run in pieces of whole samples (`split_varlen`), which bounds
+the activations held at once without changing the result.
 """
 
 from __future__ import annotations
@@ -155,6 +158,37 @@ def collate_varlen(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
             "max_length_q": longest, "max_length_k": longest.clone(), **_sample_fields(samples)}
+
+
+def split_varlen(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """A padding-free micro-batch as consecutive pieces of whole samples, each at most `max_tokens`
+    tokens (a longer sample alone), to run forward and backward one piece at a time.
+
+    The loss is a token-weighted sum and every sample's first label is already ignored, so the
+    pieces add up to exactly the micro-batch's loss and gradients while only one piece's
+    activations are held at a time (peak memory follows the piece, not the micro-batch).
+    """
+    if not max_tokens or "cu_seq_lens_q" not in batch or int(batch["num_tokens"]) <= max_tokens:
+        return [batch]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    groups: list[tuple[int, int]] = []  # [first, last) sample of each piece
+    first = 0
+    for k in range(1, len(bounds)):
+        if bounds[k] - bounds[first] > max_tokens and k - 1 > first:
+            groups.append((first, k - 1))
+            first = k - 1
+    groups.append((first, len(bounds) - 1))
+    pieces = []
+    for i, j in groups:
+        a, b = bounds[i], bounds[j]
+        cu = torch.tensor([x - a for x in bounds[i : j + 1]], dtype=torch.int32)
+        lengths = cu.diff()
+        pieces.append({"input_ids": batch["input_ids"][:, a:b], "labels": batch["labels"][:, a:b],
+                       "position_ids": batch["position_ids"][:, a:b], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
+                       "max_length_q": lengths.max(), "max_length_k": lengths.max(),
+                       "sample_index": batch["sample_index"][i:j], "num_tokens": torch.tensor(b - a),
+                       "attention_pairs": (lengths.long() ** 2).sum()})
+    return pieces
 
 
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:

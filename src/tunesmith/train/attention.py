@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 VARLEN_SDPA = "tunesmith_varlen_sdpa"
-CPU_FP32_ATTENTION = True
+CPU_FP32_ATTENTION = True  # per-sample attention in fp32 under bf16 on the CPU (bench/profile_step.py A/Bs it)
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -37,8 +37,8 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                       is_causal=is_causal, **kwargs)
     dtype = query.dtype
     if CPU_FP32_ATTENTION and query.device.type == "cpu" and dtype == torch.bfloat16:
-        # Measured (bench/RESULTS.md): torch's CPU flash-attention backward is several times slower
-        # in bf16 than in fp32, while the casts cost little next to it.
+        # Measured (bench/RESULTS.md): torch's CPU flash-attention backward is slower in bf16 than
+        # in fp32, and casting q, k, v up costs less than the difference.
         query, key, value = query.float(), key.float(), value.float()
     bounds = cu_seq_lens_q.tolist()
     outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,

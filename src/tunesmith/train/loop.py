@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.data.batching import Sample, collate, collate_padded, plan_micro_batches
+from tunesmith.data.batching import Sample, collate, collate_padded, plan_micro_batches, split_varlen
 from tunesmith.errors import UserError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
@@ -222,8 +222,12 @@ def run_training(cfg: RunConfig) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # --- model ---
+    # Straight onto a single GPU (flash attention needs CUDA at load time); DeepSpeed and FSDP place the
+    # weights themselves at prepare, so they load on the CPU.
+    sharded = distributed.is_deepspeed(accelerator) or distributed.is_fsdp(accelerator)
+    load_device = accelerator.device if accelerator.device.type == "cuda" and not sharded else "cpu"
     model = load_model(cfg.model, dtype=base_dtype_for_training(cfg.model, cfg.finetune.finetuning_type, mixed),
-                       device="cpu")
+                       device=load_device)
     if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
         model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
     model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
@@ -404,8 +408,11 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                                  worker_init_fn=guard.ignore_stop_signals,
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
+        # On the CPU a forward/backward pass takes at most cutoff_len tokens (whole samples): peak
+        # memory stays that of one long sample whatever the batch size (bench/RESULTS.md).
+        budget = cfg.data.cutoff_len if accelerator.device.type == "cpu" else None
         for mine in per_step:
-            yield step, [next(items) for _ in mine]
+            yield step, [piece for _ in mine for piece in split_varlen(next(items), budget)]
             step += 1
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from tunesmith.train.attention import forward_kwargs
 
 IGNORE = -100
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): e.g. 341 tokens of a 49k vocabulary
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 170 tokens of a 49k vocabulary (bench/RESULTS.md)
 
 
 def chunk_tokens(vocab: int) -> int:
