@@ -57,6 +57,57 @@ class RunLog:
             self.writer.close()
 
 
+class StepMeter:
+    """Running sums for the current logging window and for the whole run.
+
+    Token counts are this rank's non-padding tokens times the world size; a step with weight 0 (a
+    rank that only keeps the collectives in step) counts nothing.
+    """
+
+    def __init__(self, world: int, flops: Any) -> None:
+        self.world, self.flops = world, flops
+        self.run_tokens, self.run_supervised, self.run_seconds = 0, 0, 0.0
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.loss, self.steps, self.tokens, self.slots, self.flop = 0.0, 0, 0, 0, 0.0
+        self.started = time.time()
+
+    def add(self, batches: list[dict[str, Any]], *, weight: float, loss: float, applied: bool, supervised: int,
+            seconds: float) -> None:
+        tokens = int(weight) * sum(int(b["num_tokens"]) for b in batches)
+        self.tokens += tokens
+        self.slots += int(weight) * sum(b["input_ids"].numel() for b in batches)
+        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != -100).sum()),
+                                                        int(b["attention_pairs"])) for b in batches)
+        self.loss += loss if applied else 0.0  # a skipped step (nan_policy: skip) has no loss to average
+        self.steps += int(applied)
+        self.run_tokens += tokens
+        self.run_supervised += supervised
+        self.run_seconds += seconds
+
+    def tokens_per_second(self) -> float:
+        elapsed = time.time() - self.started
+        return self.tokens * self.world / elapsed if elapsed > 0 else 0.0
+
+    def window(self) -> dict[str, Any]:
+        """The window's figures for trainer_log.jsonl; no loss when every step was skipped."""
+        elapsed = time.time() - self.started
+        return {
+            **({"loss": self.loss / self.steps} if self.steps else {}),
+            "tokens": self.tokens * self.world,  # non-padding tokens trained in this window
+            "tokens_per_second": self.tokens * self.world / elapsed if elapsed > 0 else None,
+            "padding_share": 1 - self.tokens / max(self.slots, 1),
+            # useful FLOPs per second (formula in train/flops.py)
+            "flops_per_second": self.flop * self.world / elapsed if elapsed > 0 else None,
+        }
+
+    def run_totals(self) -> dict[str, Any]:
+        return {"trained_tokens": self.run_tokens * self.world, "supervised_tokens": self.run_supervised,
+                "step_seconds": round(self.run_seconds, 3),
+                "train_tokens_per_second": round(self.run_tokens * self.world / max(self.run_seconds, 1e-9), 2)}
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -27,7 +27,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
 from tunesmith.train.attention import choose_layout, restore_attention
 from tunesmith.train.flops import flop_counts
-from tunesmith.train.logs import RunLog, plot_loss
+from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 
 
@@ -280,12 +280,10 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
     # --- loop ---
     module.train()
-    window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0, "flops": 0.0}
-    last_log_time = time.time()
+    meter = StepMeter(world, flops)
     first_step_seconds = None
     eval_loss = None
     last_batch = None
-    totals = {"tokens": 0, "supervised": 0, "step_seconds": 0.0}
     step_started = time.time()
     for step, batches in step_guard.steps(step_batches(train_samples, lengths, plan, cfg, start_step, accelerator,
                                                        layout, pad_id)):
@@ -298,10 +296,6 @@ def run_training(cfg: RunConfig) -> TrainResult:
         step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
                                accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
         last_batch = batches[-1]
-        window["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
-        window["slots"] += int(weight) * sum(b["input_ids"].numel() for b in batches)
-        window["flops"] += weight * sum(flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != -100).sum()),
-                                                         int(b["attention_pairs"])) for b in batches)
         grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
                                               reduction="sum")) / max(global_count, 1)
@@ -314,37 +308,23 @@ def run_training(cfg: RunConfig) -> TrainResult:
             first_step_seconds = time.time() - t_start
             if main:
                 log.bar.write(f"first step after {first_step_seconds:.1f} s from the command")
-        window["loss"] += total_loss if applied else 0.0
-        totals["tokens"] += int(weight) * sum(int(b["num_tokens"]) for b in batches)
-        totals["supervised"] += global_count
-        totals["step_seconds"] += time.time() - step_started
-        window["steps"] += int(applied)
+        meter.add(batches, weight=weight, loss=total_loss, applied=applied, supervised=global_count,
+                  seconds=time.time() - step_started)
         done = step + 1
         if main:
-            elapsed = time.time() - last_log_time
-            rate = window["tokens"] * world / elapsed if elapsed > 0 else 0.0
             log.step(done, {"loss": f"{total_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
-                            "tok/s": f"{rate:.0f}"})
+                            "tok/s": f"{meter.tokens_per_second():.0f}"})
         if done % t.logging_steps == 0 or done == plan.total_steps:
             if main:
-                elapsed = time.time() - last_log_time
                 log.record({
-                    "step": done, "epoch": round(done / plan.steps_per_epoch, 4),
-                    # no loss when every step of the window was skipped (nan_policy: skip)
-                    **({"loss": window["loss"] / window["steps"]} if window["steps"] else {}),
+                    "step": done, "epoch": round(done / plan.steps_per_epoch, 4), **meter.window(),
                     **({"skipped_steps": step_guard.skipped} if step_guard.skipped else {}),
                     "learning_rate": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens": window["tokens"] * world,  # non-padding tokens trained in this window
-                    "tokens_per_second": window["tokens"] * world / elapsed if elapsed > 0 else None,
-                    "padding_share": 1 - window["tokens"] / max(window["slots"], 1),
-                    # useful FLOPs per second (formula in train/flops.py), this rank's times world
-                    "flops_per_second": window["flops"] * world / elapsed if elapsed > 0 else None,
                     "elapsed": round(time.time() - t_start, 2), "eta": round(log.eta(done), 1),
                     "total_steps": plan.total_steps,
                 })
-            window = {"loss": 0.0, "tokens": 0, "slots": 0, "steps": 0, "flops": 0.0}
-            last_log_time = time.time()
+            meter.reset_window()
         if eval_samples and t.eval_strategy == "steps" and done % (t.eval_steps or t.logging_steps) == 0 \
                 and done != plan.total_steps:
             eval_loss = evaluate(module, eval_samples, cfg, pad_id, accelerator)
@@ -368,9 +348,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     results = {"global_step": plan.total_steps, "train_runtime": round(time.time() - t_start, 2),
                "first_step_seconds": round(first_step_seconds or 0.0, 2), "eval_loss": eval_loss,
                "train_samples": len(train_samples), "steps_run": plan.total_steps - start_step,
-               "trained_tokens": totals["tokens"] * world, "supervised_tokens": totals["supervised"],
-               "step_seconds": round(totals["step_seconds"], 3), "skipped_steps": step_guard.skipped,
-               "train_tokens_per_second": round(totals["tokens"] * world / max(totals["step_seconds"], 1e-9), 2)}
+               **meter.run_totals(), "skipped_steps": step_guard.skipped}
     accelerator.wait_for_everyone()
     gathered = distributed.gather_state_dict(accelerator, module)  # every rank joins under ZeRO-3/FSDP
     if main:
