@@ -193,11 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("tunesmith."):
-            print(f"error: 'tunesmith {args.command}' is not built yet.", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -221,13 +221,8 @@ def schema() -> dict[str, tuple[str, dataclasses.Field]]:
 _SCHEMA = schema()
 
 
-def _field_types(group_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(group_cls)
-
-
-_TYPES: dict[str, Any] = {}
-for _group, _cls in GROUPS.items():
-    _TYPES.update(_field_types(_cls))
+# key -> its annotation (resolved: the module uses `from __future__ import annotations`)
+_TYPES: dict[str, Any] = {k: v for cls in GROUPS.values() for k, v in typing.get_type_hints(cls).items()}
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

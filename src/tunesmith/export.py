@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith.config import ModelArgs, RunConfig
 from tunesmith.errors import UserError
+from tunesmith.files import replace_folder
 
 # Prompts the exported model is checked on: short, multi-turn, with and without a system turn.
 VERIFY_CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -217,7 +218,7 @@ def run_export(cfg: RunConfig) -> Path:
         (staging / "Modelfile").write_text(ollama_modelfile(tokenizer, cfg.model.template), encoding="utf-8")
         del model
         loaded_diff, base_diff = _verify(staging, prompts, expected, reference, tolerance, merge_diff)
-        _publish(staging, export_dir)
+        replace_folder(staging, export_dir)  # an earlier export is replaced only now, once verified
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shards = sorted(p.name for p in export_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
@@ -330,17 +331,6 @@ def _verify(folder: Path, prompts: list[Any], expected: list[Any], reference: li
             f"export verification failed: {what} (largest logit difference {max(merge_diff, loaded_diff):.3g} "
             f"> tolerance {tolerance:.3g}; vs base+adapter {base_diff:.3g}). Nothing was written to export_dir.")
     return loaded_diff, base_diff
-
-
-def _publish(staging: Path, export_dir: Path) -> None:
-    """Rename the verified folder into place; an earlier export there is replaced only now."""
-    old = None
-    if export_dir.exists():
-        old = export_dir.with_name(f".{export_dir.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        export_dir.rename(old)
-    staging.rename(export_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

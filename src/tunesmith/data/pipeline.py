@@ -29,6 +29,7 @@ import numpy as np
 from tunesmith.config import DataArgs, RunConfig
 from tunesmith.data.encode import IGNORE_INDEX, Dropped, Encoded, encode
 from tunesmith.errors import UserError
+from tunesmith.files import replace_folder
 from tunesmith.template import Conversation
 
 # Bump when encode()/the stored format changes, so old caches are not reused.
@@ -281,13 +282,7 @@ def save_tokenized(folder: Path, data: TokenizedData) -> None:
                 "report": {"train": asdict(data.report.train), "eval": asdict(data.report.eval),
                            "seconds": data.report.seconds}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

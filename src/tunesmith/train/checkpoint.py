@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.files import replace_folder
 
 COMPLETE = ".complete"
 STATE = "trainer_state.json"
@@ -126,13 +127,7 @@ def atomic_folder(target: Path, write: Callable[[Path], None]) -> Path:
             if path.is_file():
                 _fsync_path(path)
         _write_marker(tmp, _manifest(tmp))
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_folder(tmp, target)
         _fsync_path(target.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
