@@ -55,6 +55,12 @@ class DataArgs:
     packing: bool = opt(False, "Training is padding-free on sdpa/flash attention whatever this says; with other "
                         "kernels, pack each micro-batch into rows with a block-diagonal mask.")
     neat_packing: bool = opt(False, "Same as packing: packed samples never attend to each other.")
+    packing_contamination: bool = opt(False, "Contaminating packing (implies packing): each micro-batch's samples "
+                                      "are laid end to end in rows of at most cutoff_len tokens (best-fit), with "
+                                      "position_ids running on across the row and a plain causal mask, so a sample "
+                                      "attends to the samples before it in its row. What some other tools do for "
+                                      "`packing: true`; faster on kernels without varlen support, but not the same "
+                                      "math as training the samples apart (losses differ).")
     tokenized_path: str | None = opt(None, "Save the tokenized data here, or load it from here if present.")
     overwrite_cache: bool = opt(False, "Re-tokenize even when a cached result exists.")
     skip_invalid: bool = opt(False, "Skip invalid rows (reported) instead of stopping.")
@@ -379,6 +385,9 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError(f"{where}: 'warmup_ratio' must be in [0, 1), got {t.warmup_ratio}.")
     if not 0 <= f.lora_dropout < 1:
         raise UserError(f"{where}: 'lora_dropout' must be in [0, 1), got {f.lora_dropout}.")
+    if d.packing_contamination and d.neat_packing:
+        raise UserError(f"{where}: 'neat_packing: true' keeps packed samples apart and 'packing_contamination: "
+                        "true' lets them attend to each other; choose one.")
     if t.bf16 and t.fp16:
         raise UserError(f"{where}: 'bf16' and 'fp16' are both true; choose one.")
     if cfg.export.export_size <= 0:

@@ -13,7 +13,10 @@ same loss as a padded one step by step (DESIGN §2.3). Three layouts exist:
   flash attention and our per-sample sdpa take, so attention never crosses a boundary and
   never spends work on masked blocks);
 - masked: samples best-fit into rows of at most `max_len` tokens with a 4D block-diagonal
-  causal mask (for attention kernels that take neither, e.g. eager).
+  causal mask (for attention kernels that take neither, e.g. eager);
+- concat (only with `packing_contamination`): the same rows with one plain causal mask and
+  position_ids running on across the row, so a sample attends to the samples before it. This
+  is not the math of the other three: losses differ.
 
 A varlen micro-batch can also be run in pieces of whole samples (`split_varlen`), which bounds
 the activations held at once without changing the result.
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE = -100
-LAYOUTS = ("padded", "varlen", "masked")
+LAYOUTS = ("padded", "varlen", "masked", "concat")
 
 
 @dataclass
@@ -108,6 +111,8 @@ def collate(rows: Sequence[Sequence[Sample]], pad_id: int, layout: str) -> dict[
         return collate_packed(rows, pad_id)
     if layout == "padded":
         return collate_padded([s for row in rows for s in row], pad_id)
+    if layout == "concat":
+        return collate_concat(rows, pad_id)
     raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
 
 
@@ -215,3 +220,27 @@ def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, t
     allowed |= torch.eye(width, dtype=torch.bool)[None]
     return {"input_ids": ids, "labels": labels, "attention_mask": allowed[:, None, :, :],
             "position_ids": positions, **_sample_fields([s for row in rows for s in row])}
+
+
+def collate_concat(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Contaminating packed rows: samples concatenated with their labels exactly as encoded,
+    position_ids 0..n-1 over the whole row and a 2D padding mask (1 = token), so the model's
+    usual causal mask lets every sample attend to the samples before it in its row."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    row_lengths = []
+    for r, row in enumerate(rows):
+        row_ids = [t for s in row for t in s.input_ids]
+        m = len(row_ids)
+        ids[r, :m] = torch.tensor(row_ids)
+        labels[r, :m] = torch.tensor([t for s in row for t in s.labels])
+        mask[r, :m] = 1
+        row_lengths.append(m)
+    fields = _sample_fields([s for row in rows for s in row])
+    # attention spans the whole row, so its work is that of one sequence of the row's length
+    fields["attention_pairs"] = torch.tensor(sum(m * m for m in row_lengths))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "position_ids": torch.arange(width).expand(n, width).clone(), **fields}

@@ -174,7 +174,7 @@ def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) ->
 
     # Padding share at the configured batch size (packing leaves little or none), and the longest samples.
     t, d = cfg.train, cfg.data
-    if d.packing or d.neat_packing:
+    if d.packing or d.neat_packing or d.packing_contamination:
         report.figures.append(f"batches: packing at batch size {t.per_device_train_batch_size} (little or no "
                               "padding)")
     else:
