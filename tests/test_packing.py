@@ -11,6 +11,7 @@ import torch
 
 from tunesmith.data.batching import (
     IGNORE,
+    LAYOUTS,
     Sample,
     collate,
     collate_packed,
@@ -133,23 +134,31 @@ def test_length_grouping_reduces_padding():
         0.8 * slots(plan_micro_batches(lengths, **common))
 
 
-def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shared_data):
+def tiny_runner(tmp_path, tiny_model_dir, rows: list[dict], **common: object):
+    """A function that trains the tiny model on `rows` (3 samples x 2 micro-batches a step) and
+    returns the run's log entries."""
     from tunesmith.config import load_config
     from tunesmith.train import run_training
 
-    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "a.json").write_text(json.dumps(data))
+    (tmp_path / "data" / "a.json").write_text(json.dumps(rows))
     (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
 
     def run(name: str, **extra: object) -> list[dict]:
         overrides = {"model_name_or_path": str(tiny_model_dir), "dataset": "a", "dataset_dir": str(tmp_path / "data"),
-                     "cutoff_len": 96, "output_dir": str(tmp_path / name), "per_device_train_batch_size": 3,
-                     "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "max_steps": 4, "logging_steps": 1,
+                     "output_dir": str(tmp_path / name), "per_device_train_batch_size": 3,
+                     "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "logging_steps": 1,
                      "save_steps": 0, "lr_scheduler_type": "constant", "preprocessing_num_workers": 1, "seed": 3,
-                     "report_to": "none", "train_on_prompt": True, **extra}
+                     "report_to": "none", **common, **extra}
         run_training(load_config(None, overrides))
         return [json.loads(x) for x in (tmp_path / name / "trainer_log.jsonl").read_text().splitlines()]
+
+    return run
+
+
+def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shared_data):
+    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
+    run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=96, max_steps=4, train_on_prompt=True)
 
     padded = run("padded", attn_implementation="eager")  # eager has no varlen kernel: padded batches
     packed = run("packed", packing=True)  # sdpa: padding-free, per-sample attention
@@ -202,3 +211,135 @@ def test_split_pieces_add_up_to_the_micro_batch():
     assert sum(n for _, n in parts) == count
     assert torch.allclose(sum(part for part, _ in parts), loss, rtol=1e-6)
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), grads, strict=True))
+
+
+def _attention_inputs(length: int, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, 16) for heads in (6, 2, 2))  # 3 query heads per key/value head
+    grad = torch.randn(1, length, 6, 16)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], grad.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_matmul_attention_matches_sdpa(dtype, tolerance):
+    """The bf16 CPU kernel: causal, grouped-query heads mapped like repeat_kv, same gradients."""
+    from tunesmith.train.attention import causal_matmul_attention
+
+    (q, k, v), grad = _attention_inputs(37, dtype)
+    out = causal_matmul_attention(q, k, v, 0.25)
+    out.backward(grad)
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    qr, kr, vr = ref_inputs
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qr, kr.repeat_interleave(3, dim=1), vr.repeat_interleave(3, dim=1), is_causal=True, scale=0.25).transpose(1, 2)
+    ref.backward(grad.float())
+    assert out.shape == ref.shape == (1, 37, 6, 16) and out.dtype == dtype
+    scale = ref.abs().max()
+    assert (out.float() - ref).abs().max() < tolerance * scale
+    for mine, theirs in zip((q, k, v), ref_inputs, strict=True):
+        assert (mine.grad.float() - theirs.grad).abs().max() < tolerance * theirs.grad.abs().max()
+    # causal: the first position attends to itself only
+    assert torch.allclose(out[0, 0].float(), vr[0].repeat_interleave(3, dim=0)[:, 0].float(), atol=tolerance)
+
+
+def test_bf16_varlen_uses_the_matmul_kernel_and_keeps_samples_apart(monkeypatch):
+    from tunesmith.train import attention
+
+    model = tiny_llama("sdpa").to(torch.bfloat16)
+    assert choose_layout(model, packing=False) == "varlen"
+    calls = []
+    real = attention.causal_matmul_attention
+    monkeypatch.setattr(attention, "causal_matmul_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    first, other_first, second = sample(0, 3, 11), sample(0, 100, 11), sample(1, 50, 9)
+    together = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
+    changed = logits(model, collate([[other_first, second]], 0, "varlen"))[0, 11:20].float()
+    assert calls and {shape[2] for shape in calls} == {11, 9}  # one call per sample and layer
+    assert torch.equal(together, changed)
+    monkeypatch.setattr(attention, "CPU_BF16_ATTENTION", "fp32")  # torch's kernel in fp32: same within bf16
+    reference = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
+    assert (together - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_concat_layout_lets_packed_samples_see_each_other(implementation):
+    """packing_contamination: the opposite of test_packed_samples_do_not_see_each_other."""
+    model = tiny_llama(implementation)
+    assert choose_layout(model, packing=False, contaminate=True) == "concat"
+    assert attention_implementation(model) == implementation  # no per-sample kernel
+    first, other_first, second, third = sample(0, 3, 11), sample(0, 100, 11), sample(1, 50, 9), sample(2, 20, 6)
+    together = logits(model, collate([[first, second], [third]], 0, "concat"))
+    changed = logits(model, collate([[other_first, second], [third]], 0, "concat"))
+    assert (together[0, 11:20] - changed[0, 11:20]).abs().max() > 1e-3  # the second sample sees the first
+    # One causal sequence over the row with positions running on: the two samples as one long sample.
+    joined = Sample(first.input_ids + second.input_ids, first.labels + second.labels, 0)
+    assert torch.allclose(together[0], logits(model, collate([[joined]], 0, "padded"))[0], atol=1e-5)
+    # The padding of the shorter row is masked: its sample computes what it computes alone.
+    assert torch.allclose(together[1, :6], logits(model, collate([[third]], 0, "padded"))[0], atol=1e-5)
+    assert torch.allclose(together[1, :6], changed[1, :6], atol=1e-5)
+
+
+def test_concat_batch_layout():
+    assert "concat" in LAYOUTS
+    a, b, c = Sample([5, 6, 7], [IGNORE, 6, 7], 4), Sample([8, 9], [8, 9], 2), Sample([3, 4], [IGNORE, 4], 0)
+    batch = collate([[a, b], [c]], 1, "concat")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 1, 1, 1]]
+    # labels exactly as encoded: b's first label stays trained (predicted from a's last token)
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, 8, 9], [IGNORE, 4, IGNORE, IGNORE, IGNORE]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4] and batch["position_ids"][1, :2].tolist() == [0, 1]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert int(batch["num_tokens"]) == 7 and batch["sample_index"].tolist() == [4, 2, 0]
+    assert int(batch["attention_pairs"]) == 5 * 5 + 2 * 2  # attention spans each whole row
+    assert "cu_seq_lens_q" not in batch and split_varlen(batch, 3) == [batch]  # never cut into pieces
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_concat_rows_fit_and_hold_every_sample_once(trial):
+    rng = random.Random(100 + trial)
+    max_len = rng.choice([8, 16, 64])
+    n = rng.randint(1, 60)
+    lengths = [rng.choice([1, max_len, max_len + 3, rng.randint(1, max_len)]) for _ in range(n)]
+    samples = [Sample([i + 5] * length, [i + 5] * length, i) for i, length in enumerate(lengths)]
+    plan = plan_micro_batches(lengths, batch_size=rng.randint(1, 6), seed=trial, epoch=0, shuffle=True, packing=True,
+                              max_len=max_len)
+    seen: list[int] = []
+    counts: dict[int, int] = {}
+    for micro in plan:
+        batch = collate([[samples[i] for i in row] for row in micro], 0, "concat")
+        for r, row in enumerate(micro):
+            used = int(batch["attention_mask"][r].sum())
+            assert used == sum(lengths[i] for i in row)
+            assert used <= max_len or len(row) == 1  # only a sample longer than max_len exceeds it, alone
+            assert batch["input_ids"][r, :used].tolist() == [t for i in row for t in samples[i].input_ids]
+            for token in batch["input_ids"][r, :used].tolist():
+                counts[token] = counts.get(token, 0) + 1
+        seen += batch["sample_index"].tolist()
+    assert sorted(seen) == list(range(n))
+    assert counts == {i + 5: lengths[i] for i in range(n)}  # every token of every sample, once
+
+
+def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, shared_data, capsys):
+    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:12]
+    run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=192, max_steps=2, shuffle=False)
+
+    clean = run("clean", packing=True)
+    assert "packing_contamination" not in capsys.readouterr().err
+    mixed = run("mixed", packing_contamination=True)
+    err = capsys.readouterr().err
+    assert "(concat batches)" in err
+    assert err.count("warning: packing_contamination is on") == 1 and "packing_contamination: false" in err
+    assert len(clean) == len(mixed) == 2
+    # Same samples, same weights at step 1: only the attention across samples differs.
+    assert all(abs(a["loss"] - b["loss"]) > 1e-4 for a, b in zip(clean, mixed, strict=True)), (clean, mixed)
+    assert [m["tokens"] for m in mixed] == [c["tokens"] for c in clean]  # the same samples, each once
+
+
+def test_packing_contamination_config():
+    from tunesmith.config import load_config
+    from tunesmith.errors import UserError
+
+    assert load_config(None, {}).data.packing_contamination is False
+    assert load_config(None, ["packing_contamination=true"]).data.packing_contamination is True
+    with pytest.raises(UserError, match="'packing_contamination' must be a bool, got 'sometimes'"):
+        load_config(None, {"packing_contamination": "sometimes"})
+    with pytest.raises(UserError, match="'neat_packing: true'.*'packing_contamination: true'.*choose one"):
+        load_config(None, {"packing_contamination": True, "neat_packing": True})

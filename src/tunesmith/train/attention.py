@@ -17,8 +17,64 @@ if TYPE_CHECKING:
     from torch import nn
 
 VARLEN_SDPA = "tunesmith_varlen_sdpa"
-CPU_FP32_ATTENTION = True  # per-sample attention in fp32 under bf16 on the CPU (bench/profile_step.py A/Bs it)
+# bf16 attention on the CPU: "matmul" (CausalMatmulAttention, bf16 products on the AMX units), "fp32"
+# (torch's flash kernel on q, k, v cast up) or "sdpa" (torch's flash kernel in bf16); bench/profile_step.py A/Bs them
+CPU_BF16_ATTENTION = "matmul"
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _causal_attention_function() -> type:
+    import torch
+
+    class CausalMatmulAttention(torch.autograd.Function):
+        """Causal attention of one sample as plain batched matrix products, for bf16 on the CPU.
+
+        torch's CPU flash kernel computes bf16 attention no faster than fp32 (bench/RESULTS.md);
+        here the four products per pass run in bf16 on the AMX units, grouped by key/value head
+        (grouped-query attention without repeating k and v), while the softmax and its gradient
+        are formed in fp32. Only q, k, v and the bf16 probabilities are kept for backward.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+            _, heads, length, dim = query.shape
+            groups = key.shape[1]
+            q = (query[0] * scaling).reshape(groups, heads // groups * length, dim)
+            scores = (q @ key[0].transpose(-1, -2)).float()
+            future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)
+            scores.view(groups, heads // groups, length, length).masked_fill_(future, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(query.dtype)
+            ctx.save_for_backward(q, key, value, probs)
+            ctx.scaling = scaling
+            return (probs @ value[0]).view(1, heads, length, dim)
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+            q, key, value, probs = ctx.saved_tensors
+            _, heads, length, dim = grad_out.shape
+            groups = key.shape[1]
+            g = grad_out[0].reshape(groups, -1, dim)
+            grad_value = probs.transpose(-1, -2) @ g
+            grad_probs = (g @ value[0].transpose(-1, -2)).float()
+            grad_scores = torch._softmax_backward_data(grad_probs, probs.float(), -1, torch.float32).to(q.dtype)
+            grad_query = (grad_scores @ key[0]) * ctx.scaling
+            grad_key = grad_scores.transpose(-1, -2) @ q  # q carries the scaling already
+            return grad_query.view(1, heads, length, dim), grad_key[None], grad_value[None], None
+
+    return CausalMatmulAttention
+
+
+_CAUSAL_MATMUL: type | None = None
+
+
+def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scaling: float) -> torch.Tensor:
+    """(1, heads, L, d) query against (1, kv_heads, L, d) key/value; returns (1, L, heads, d) like sdpa's wrapper."""
+    global _CAUSAL_MATMUL
+    if _CAUSAL_MATMUL is None:
+        _CAUSAL_MATMUL = _causal_attention_function()
+    return _CAUSAL_MATMUL.apply(query, key, value, scaling).transpose(1, 2)
 
 
 def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -36,11 +92,15 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     dtype = query.dtype
-    if CPU_FP32_ATTENTION and query.device.type == "cpu" and dtype == torch.bfloat16:
-        # Measured (bench/RESULTS.md): torch's CPU flash-attention backward is slower in bf16 than
-        # in fp32, and casting q, k, v up costs less than the difference.
-        query, key, value = query.float(), key.float(), value.float()
     bounds = cu_seq_lens_q.tolist()
+    cpu_bf16 = query.device.type == "cpu" and dtype == torch.bfloat16
+    if cpu_bf16 and CPU_BF16_ATTENTION == "matmul" and dropout == 0.0 \
+            and not kwargs.get("s_aux") and not kwargs.get("softcap"):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.cat([causal_matmul_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale)
+                          for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a], dim=1), None
+    if cpu_bf16 and CPU_BF16_ATTENTION == "fp32":
+        query, key, value = query.float(), key.float(), value.float()
     outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                       dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
@@ -69,15 +129,19 @@ def _sliding_window(model: nn.Module) -> bool:
     return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
 
 
-def choose_layout(model: nn.Module, packing: bool) -> str:
+def choose_layout(model: nn.Module, packing: bool, *, contaminate: bool = False) -> str:
     """The batch layout for training; switches sdpa models to the per-sample sdpa.
 
     varlen whenever the kernel allows it (flash attention, or sdpa on a model without
     sliding-window layers, which would need the mask): it computes exactly what the padded layout
     does, with no padding and no attention between samples, and measured fastest of all layouts
     (bench/RESULTS.md), so it is used whether or not packing was asked for. Otherwise masked
-    (packing asked for) or padded.
+    (packing asked for) or padded. `contaminate` (config `packing_contamination`) gives concat,
+    where packed samples attend to each other, on the model's own attention kernel.
     """
+    if contaminate:
+        restore_attention(model)  # a plain causal mask over the row: no per-sample kernel
+        return "concat"
     implementation = attention_implementation(model)
     if implementation.startswith("flash_attention") or implementation == VARLEN_SDPA:
         return "varlen"
