@@ -9,8 +9,10 @@ share the machine's conditions. A variant is `layout[+precision][+option]`:
     layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
     precision  fp32 (default) | autocast (fp32 weights, bf16 autocast) | bf16base (frozen base
                stored in bf16, adapters fp32, bf16 autocast)
-    option     bf16attn (keep sdpa in bf16 on the CPU instead of computing it in fp32);
-               nocast (peft does not cast LoRA inputs to the adapters' fp32 under autocast)
+    option     attn=matmul|fp32|sdpa (bf16 attention on the CPU: bf16 matrix products, the
+               default; torch's flash kernel in fp32; or that kernel in bf16);
+               cast (peft casts LoRA inputs to the adapters' fp32 under autocast, which training
+               turns off); plain (transformers' and peft's own forwards instead of train/kernels.py's)
 
 It prints, per variant, the median step time and the non-padding tokens per second. By default
 time is this process's CPU time, which a busy machine disturbs far less than wall time; use
@@ -20,6 +22,7 @@ time is this process's CPU time, which a busy machine disturbs far less than wal
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                         help="cpu: this process's CPU time, steadier than wall time on a busy machine "
                              "(meaningful with --threads 1)")
+    parser.add_argument("--keep-denormals", action="store_true", help="compute subnormal floats (training flushes them)")
     parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
@@ -48,10 +52,19 @@ def main() -> None:
     from tunesmith.config import load_config
     from tunesmith.data.batching import Sample, collate, plan_micro_batches
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import apply_finetuning, load_model, load_tokenizer
+    from tunesmith.model import (
+        apply_finetuning,
+        flush_denormals,
+        load_model,
+        load_tokenizer,
+        set_adapter_input_casting,
+    )
     from tunesmith.train.attention import choose_layout
+    from tunesmith.train.kernels import set_training_forwards
     from tunesmith.train.loss import token_loss
 
+    if not args.keep_denormals:
+        flush_denormals()  # as training does
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(None, {"dataset": "alpaca_en_demo", "dataset_dir": args.data, "max_samples": args.rows,
@@ -81,20 +94,16 @@ def main() -> None:
                                   group_by_length=layout == "grouped")
         batches = [collate([[samples[j] for j in row] for row in micro], tokenizer.pad_token_id,
                            "padded" if layout == "grouped" else layout) for micro in plan]
-        if "nocast" in options:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = False
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         mixed = "autocast" in options or bf16_base
+        set_adapter_input_casting(model, enabled=not mixed or "cast" in options)  # as training does
+        set_training_forwards(model, enabled="plain" not in options)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         return model, batches, optimizer, mixed
 
     def step(model, batch, optimizer, mixed, variant: str) -> float:
         from tunesmith.train import attention
 
-        attention.CPU_FP32_ATTENTION = "bf16attn" not in variant
+        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), "matmul")
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
         with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
@@ -115,10 +124,10 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         model, batches, optimizer, mixed = built[args.profile]
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get("SHAPES")), with_stack=bool(os.environ.get("STACK"))) as prof:
             for i in range(1, 1 + args.steps):
                 step(model, batches[i], optimizer, mixed, args.profile)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        print(prof.key_averages(group_by_input_shape=bool(os.environ.get("SHAPES")), group_by_stack_n=int(os.environ.get("STACK", 0))).table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", 30))))
         return
     for i in range(args.steps):  # variants alternate, step by step
         for v in variants:

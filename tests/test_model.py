@@ -442,3 +442,22 @@ def test_concurrent_provisioning_converts_once(tmp_path, default_model_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (target / name).read_bytes() == (default_model_dir / name).read_bytes(), name
     assert (target.stat().st_mode & 0o777) == 0o755
+
+
+def test_flush_denormals_zeroes_subnormal_results():
+    import threading
+
+    from tunesmith.model import flush_denormals
+
+    def product() -> float:
+        return float(torch.tensor([1e-30]) * torch.tensor([1e-10]))  # 1e-40 is subnormal in fp32
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(product()))
+    flush_denormals()
+    thread.start()  # a thread started after the call inherits the setting
+    thread.join()
+    try:
+        assert product() == 0.0 and results == [0.0]
+    finally:
+        torch.set_flush_denormal(False)

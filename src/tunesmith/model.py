@@ -613,6 +613,19 @@ def _cpu_flags() -> set[str]:
     return set(_cpuinfo("flags").split())
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero in this thread and the threads it starts later.
+
+    Softmax tails and small gradients produce subnormals, which the CPU computes on a slow path:
+    a training step measured 4% (fp32) to 12% (bf16) faster with them flushed (bench/RESULTS.md),
+    and values below 1e-38 carry nothing a weight update can use. Call it before torch starts its
+    worker threads: they inherit the setting of the thread that creates them.
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def bf16_supported(device: str | torch.device) -> bool:
     """Whether bfloat16 compute is fast and exact on `device`: CUDA by its own check; on CPU only
     with native bf16 instructions (AVX512_BF16 or AMX), elsewhere it is emulated and slow."""

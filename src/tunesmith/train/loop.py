@@ -27,6 +27,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
 from tunesmith.train.attention import choose_layout, restore_attention
 from tunesmith.train.flops import flop_counts
+from tunesmith.train.kernels import set_training_forwards
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 
@@ -182,12 +183,14 @@ def run_training(cfg: RunConfig) -> TrainResult:
     from tunesmith.model import (
         apply_finetuning,
         base_dtype_for_training,
+        flush_denormals,
         load_adapters,
         load_model,
         load_tokenizer,
         set_adapter_input_casting,
     )
 
+    flush_denormals()
     t = cfg.train
     if not cfg.data.dataset:
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; name one or more datasets of "
@@ -218,7 +221,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
     preflight(data.train, tokenizer, cfg, out if accelerator.is_main_process else None)
     lengths = [len(s.input_ids) for s in train_samples]
-    packing = cfg.data.packing or cfg.data.neat_packing
+    packing = cfg.data.packing or cfg.data.neat_packing or cfg.data.packing_contamination
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # --- model ---
@@ -231,8 +234,11 @@ def run_training(cfg: RunConfig) -> TrainResult:
     if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
         model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
     model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
-    layout = choose_layout(model, packing)  # padding-free varlen attention where the kernel allows it
+    layout = choose_layout(model, packing, contaminate=cfg.data.packing_contamination)  # padding-free varlen attention where the kernel allows it
     set_adapter_input_casting(model, enabled=mixed == "no")  # autocast casts LoRA inputs itself
+    # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
+    # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
+    set_training_forwards(model, enabled=not sharded)
     flops = flop_counts(model)
     module = SFTModule(model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
@@ -274,12 +280,24 @@ def run_training(cfg: RunConfig) -> TrainResult:
               f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
               f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {world} "
               f"samples per step ({layout} batches), precision {mixed}", file=sys.stderr)
+        if layout == "concat":
+            print("warning: packing_contamination is on: packed samples attend to the samples before them in their "
+                  "row, so losses differ from an unpacked run (set packing_contamination: false to keep them apart).",
+                  file=sys.stderr)
     reports = {r.strip() for r in t.report_to.split(",")}
     log = RunLog(out, total_steps=plan.total_steps, start_step=start_step,
                  tensorboard=bool(reports & {"tensorboard", "all"})) if main else None
 
     # --- loop ---
     module.train()
+    # Gradients are allocated once, before the first forward, and zeroed rather than freed after each
+    # step: allocated mid-backward every step instead, they split the heap space that activations
+    # reuse and raise peak memory (bench/RESULTS.md). ZeRO and FSDP keep gradients themselves.
+    keep_grads = not distributed.is_sharded(accelerator)
+    if keep_grads:
+        for param in module.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
     meter = StepMeter(world, flops)
     first_step_seconds = None
     eval_loss = None
@@ -303,7 +321,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         if applied:
             optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_grads)
         if first_step_seconds is None:
             first_step_seconds = time.time() - t_start
             if main:
@@ -356,6 +374,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         model_to_save = accelerator.unwrap_model(module).model
         restore_attention(model_to_save)
         set_adapter_input_casting(model_to_save, enabled=True)
+        set_training_forwards(model_to_save, enabled=False)
         _write_final(model_to_save, tokenizer, out, accelerator, gathered)
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
         if t.plot_loss:
@@ -375,7 +394,7 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
         micro = plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=epoch,
-                                   shuffle=cfg.data.shuffle, packing=layout == "masked", max_len=cfg.data.cutoff_len)
+                                   shuffle=cfg.data.shuffle, packing=layout in ("masked", "concat"), max_len=cfg.data.cutoff_len)
         steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
         per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
         dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], layout, pad_id)

@@ -45,11 +45,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
                 logits = (h @ w.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                # log-sum-exp in place, so that the logits buffer is the chunk's only large one
+                target_logit = logits.gather(1, y[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(peak).exp_()
+                sums = exps.sum(dim=-1, keepdim=True)
+                total += (peak.squeeze(1) + sums.log().squeeze(1) - target_logit).sum()
                 if need_h or need_w:
-                    # d(sum CE)/d logits = softmax - onehot, formed in place of the logits
-                    grad = logits.sub_(lse[:, None]).exp_()
+                    # d(sum CE)/d logits = softmax - onehot, formed in the same buffer
+                    grad = exps.div_(sums)
                     grad[torch.arange(len(y), device=y.device), y] -= 1.0
                     g = grad.to(dtype)
                     if need_h:
