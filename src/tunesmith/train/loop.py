@@ -405,9 +405,10 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                                  worker_init_fn=guard.ignore_stop_signals,
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
-        # On the CPU a forward/backward pass takes at most cutoff_len tokens (whole samples): peak
-        # memory stays that of one long sample whatever the batch size (bench/RESULTS.md).
-        budget = cfg.data.cutoff_len if accelerator.device.type == "cpu" else None
+        # On the CPU a forward/backward pass takes whole samples up to cutoff_len tokens (twice that
+        # in bf16, whose activations are half the size): peak memory stays that of one long sample
+        # whatever the batch size (bench/RESULTS.md).
+        budget = cfg.data.cutoff_len * (2 if cfg.train.bf16 else 1) if accelerator.device.type == "cpu" else None
         for mine in per_step:
             yield step, [piece for _ in mine for piece in split_varlen(next(items), budget)]
             step += 1
