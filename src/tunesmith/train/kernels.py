@@ -146,9 +146,11 @@ def set_training_forwards(model: nn.Module, enabled: bool) -> None:
     from peft.tuners.lora import Linear as LoraLinear
 
     checked: dict[type, bool] = {}  # one check per module class: the layers of a model are alike
+    ours = (_lora_forward, _gated_mlp_forward, _rms_norm_forward)
     for module in model.modules():
         if not enabled:
-            module.__dict__.pop("forward", None)
+            if getattr(module.__dict__.get("forward"), "__func__", None) in ours:  # leave others' wrappers alone
+                del module.__dict__["forward"]
             continue
         if isinstance(module, LoraLinear) and type(module).forward is LoraLinear.forward:
             module.forward = types.MethodType(_lora_forward, module)

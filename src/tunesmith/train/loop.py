@@ -234,7 +234,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
         model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
     model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
-    layout = choose_layout(model, packing, contaminate=cfg.data.packing_contamination)  # padding-free varlen attention where the kernel allows it
+    # padding-free varlen attention where the kernel allows it
+    layout = choose_layout(model, packing, contaminate=cfg.data.packing_contamination)
     set_adapter_input_casting(model, enabled=mixed == "no")  # autocast casts LoRA inputs itself
     # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
     # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
@@ -394,7 +395,8 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
         micro = plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=epoch,
-                                   shuffle=cfg.data.shuffle, packing=layout in ("masked", "concat"), max_len=cfg.data.cutoff_len)
+                                   shuffle=cfg.data.shuffle, packing=layout in ("masked", "concat"),
+                                   max_len=cfg.data.cutoff_len)
         steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
         per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
         dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], layout, pad_id)
