@@ -22,7 +22,6 @@ time is this process's CPU time, which a busy machine disturbs far less than wal
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -43,6 +42,8 @@ def main() -> None:
                         help="cpu: this process's CPU time, steadier than wall time on a busy machine "
                              "(meaningful with --threads 1)")
     parser.add_argument("--keep-denormals", action="store_true", help="compute subnormal floats (training flushes them)")
+    parser.add_argument("--shapes", action="store_true", help="--profile: one row per op and input shape")
+    parser.add_argument("--rows-shown", type=int, default=30, help="--profile: rows of the table")
     parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
@@ -124,10 +125,11 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         model, batches, optimizer, mixed = built[args.profile]
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get("SHAPES")), with_stack=bool(os.environ.get("STACK"))) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for i in range(1, 1 + args.steps):
                 step(model, batches[i], optimizer, mixed, args.profile)
-        print(prof.key_averages(group_by_input_shape=bool(os.environ.get("SHAPES")), group_by_stack_n=int(os.environ.get("STACK", 0))).table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", 30))))
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total",
+                                                                        row_limit=args.rows_shown))
         return
     for i in range(args.steps):  # variants alternate, step by step
         for v in variants:

@@ -121,8 +121,7 @@ def _same_as_original(module: nn.Module, forward: Any, width: int) -> bool:
     """Whether `forward` gives the module's own output on a random input (forward and backward)."""
     import torch
 
-    x = torch.randn(2, 3, width, device=module.weight.device if hasattr(module, "weight") and
-                    isinstance(module.weight, torch.Tensor) else "cpu")
+    x = torch.randn(2, 3, width, device=next(module.parameters()).device)
     was_training = module.training
     module.eval()  # no dropout in the comparison
     try:
