@@ -186,13 +186,19 @@ MATMUL_PROBE = """
 import sys, time, torch
 threads = int(sys.argv[1])
 if threads: torch.set_num_threads(threads)
+onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 best = {}
 for dtype in (torch.float32, torch.bfloat16):
     for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048)):
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        for _ in range(3): a @ b
-        t = min((lambda s: (a @ b, time.perf_counter() - s)[1])(time.perf_counter()) for _ in range(15))
-        best[str(dtype)] = max(best.get(str(dtype), 0), 2 * m * k * n / t)
+        bt = b.t().contiguous()
+        products = [lambda: a @ b]  # torch's matmul (a BLAS in fp32)
+        if onednn is not None:  # and oneDNN's, which tunesmith uses for fp32 on the CPU
+            products.append(lambda: onednn(a, bt, None, "none", [], ""))
+        for product in products:
+            for _ in range(3): product()
+            t = min((lambda s: (product(), time.perf_counter() - s)[1])(time.perf_counter()) for _ in range(15))
+            best[str(dtype)] = max(best.get(str(dtype), 0), 2 * m * k * n / t)
 print(best["torch.float32"], best["torch.bfloat16"])
 """
 

@@ -12,7 +12,8 @@ share the machine's conditions. A variant is `layout[+precision][+option]`:
     option     attn=matmul|fp32|sdpa (bf16 attention on the CPU: bf16 matrix products, the
                default; torch's flash kernel in fp32; or that kernel in bf16);
                cast (peft casts LoRA inputs to the adapters' fp32 under autocast, which training
-               turns off); plain (transformers' and peft's own forwards instead of train/kernels.py's)
+               turns off); plain (transformers' and peft's own forwards instead of train/kernels.py's, so
+               the linear layers' fp32 products go to torch's matmul rather than oneDNN)
 
 It prints, per variant, the median step time and the non-padding tokens per second. By default
 time is this process's CPU time, which a busy machine disturbs far less than wall time; use
@@ -51,7 +52,7 @@ def main() -> None:
     import torch
 
     from tunesmith.config import load_config
-    from tunesmith.data.batching import Sample, collate, plan_micro_batches
+    from tunesmith.data.batching import Sample, collate, pad_varlen, plan_micro_batches
     from tunesmith.data.pipeline import tokenize_datasets
     from tunesmith.model import (
         apply_finetuning,
@@ -61,7 +62,7 @@ def main() -> None:
         set_adapter_input_casting,
     )
     from tunesmith.train.attention import choose_layout
-    from tunesmith.train.kernels import set_training_forwards
+    from tunesmith.train.kernels import onednn_row_multiple, set_training_forwards
     from tunesmith.train.loss import token_loss
 
     if not args.keep_denormals:
@@ -96,6 +97,9 @@ def main() -> None:
         batches = [collate([[samples[j] for j in row] for row in micro], tokenizer.pad_token_id,
                            "padded" if layout == "grouped" else layout) for micro in plan]
         mixed = "autocast" in options or bf16_base
+        multiple = onednn_row_multiple()
+        if layout == "varlen" and multiple and not mixed and "plain" not in options:  # as training pads them
+            batches = [pad_varlen(b, multiple, tokenizer.pad_token_id) for b in batches]
         set_adapter_input_casting(model, enabled=not mixed or "cast" in options)  # as training does
         set_training_forwards(model, enabled="plain" not in options)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

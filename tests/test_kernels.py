@@ -117,3 +117,56 @@ def test_a_norm_weight_with_a_zero_keeps_its_own_forward(tiny_model_dir, zero_we
             norm.weight[3] = 0.0  # output / weight would divide by zero
     set_training_forwards(model, True)
     assert ("forward" in norm.__dict__) is not zero_weight
+
+
+def test_fp32_products_run_through_onednn_with_the_same_results(tiny_model_dir):
+    """On the CPU the linear layers' and the output head's fp32 products go through oneDNN."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.train.kernels import _onednn_exact
+
+    assert _onednn_exact() is torch.backends.mkldnn.is_available()
+    model = lora_model(tiny_model_dir)
+    set_training_forwards(model, True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=torch.arange(5, 69)[None], use_cache=False).logits.sum().backward()
+    set_training_forwards(model, False)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    config = model.get_base_model().config
+    # forward and input gradient of q, k, v, o, gate, up and down in every layer and of the output
+    # head, but for the input gradient of the first layer's q, k and v (the embeddings are frozen)
+    expected = 2 * (7 * config.num_hidden_layers + 1) - 3 if _onednn_exact() else 0
+    assert calls.get("mkldnn::_linear_pointwise", 0) == expected, calls.get("mkldnn::_linear_pointwise")
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_lora_product_with_bias_matches_autograd(train_base):
+    from tunesmith.train.kernels import _functions
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    weight = torch.randn(40, 24, requires_grad=train_base)
+    bias = torch.randn(40, requires_grad=True)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    inputs = [t for t in (x, weight, bias, a, b) if t.requires_grad]
+    ours = _functions()["LoraLinear"].apply(x, weight, bias, a, b, 0.5)
+    theirs = torch.nn.functional.linear(x, weight, bias) + 0.5 * (x @ a.t()) @ b.t()
+    assert ours.shape == theirs.shape == (2, 7, 40)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    grad = torch.randn_like(theirs)
+    for mine, ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), strict=True):
+        assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_product_with_bias_matches_autograd():
+    from tunesmith.train.kernels import _functions
+
+    torch.manual_seed(0)
+    x, weight, bias = (torch.randn(*s, requires_grad=True) for s in ((3, 5, 24), (40, 24), (40,)))
+    ours = _functions()["Linear"].apply(x, weight, bias)
+    theirs = torch.nn.functional.linear(x, weight, bias)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    grad = torch.randn_like(theirs)
+    for mine, ref in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
+                         torch.autograd.grad(theirs, (x, weight, bias), grad), strict=True):
+        assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)

@@ -196,6 +196,24 @@ def split_varlen(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list
     return pieces
 
 
+def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A padding-free micro-batch (or piece) with one segment of padding appended, so that its
+    length is a multiple of `multiple` (for kernels that are fastest on such shapes,
+    train/kernels.py). The padding is a sample of its own with no labels: it attends only to
+    itself and adds nothing to the loss or to `num_tokens`."""
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra or "cu_seq_lens_q" not in batch:
+        return batch
+    cu = torch.cat([batch["cu_seq_lens_q"], torch.tensor([length + extra], dtype=torch.int32)])
+    longest = torch.maximum(batch["max_length_q"], torch.tensor(extra))
+    fill = {"input_ids": pad_id, "labels": IGNORE}
+    padded = {k: torch.cat([batch[k], torch.full((1, extra), v, dtype=batch[k].dtype)], dim=1) for k, v in fill.items()}
+    positions = torch.cat([batch["position_ids"], torch.arange(extra, dtype=batch["position_ids"].dtype)[None]], dim=1)
+    return {**batch, **padded, "position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
+            "max_length_q": longest, "max_length_k": longest.clone()}
+
+
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D boolean
     block-diagonal causal mask (True = may attend) so attention never crosses a sample boundary

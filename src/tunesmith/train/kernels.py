@@ -13,6 +13,11 @@ on a random input before they are installed. bench/RESULTS.md measures them.
   silu, where autograd keeps silu(gate(x)) as well (1 of the 4 intermediate-sized tensors).
 - RMSNorm with a frozen fp32 weight: keeps its output (which the next linear layer keeps anyway)
   instead of its input, and recovers the normalised input as output / weight.
+- Linear layers in fp32 on the CPU: their forward and input-gradient products run through
+  oneDNN, which dispatches on the CPU's features, where torch's fp32 matmul goes to a BLAS that
+  may not use AVX-512 on every vendor's CPU (about 2.2x apart on an AVX-512 AMD CPU,
+  bench/RESULTS.md). `matmul_nt` offers the same product to the loss's output head. Training
+  pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
 """
 
 from __future__ import annotations
@@ -40,11 +45,79 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         plain = torch.is_autocast_enabled(x.device.type) or x.dtype == weight_a.dtype == weight_b.dtype
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
+    if type(self.base_layer) is nn.Linear and _onednn_applies(x, self.base_layer.weight) \
+            and weight_a.dtype == weight_b.dtype == torch.float32:
+        return _functions()["LoraLinear"].apply(x, self.base_layer.weight, self.base_layer.bias, weight_a, weight_b,
+                                                self.scaling[name])
     result = self.base_layer(x)  # a fresh tensor nothing keeps for backward: updated in place
     down = torch.nn.functional.linear(x, weight_a)
     result.view(-1, result.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), weight_b.t().to(result.dtype),
                                              alpha=self.scaling[name])
     return result
+
+
+_ONEDNN: list[bool] = []  # whether oneDNN's linear product is available and exact here (checked once)
+
+
+def _onednn_exact() -> bool:
+    """oneDNN's fp32 linear product exists in this torch build and gives fp32 results (not a
+    reduced-precision mode), for plain and transposed operands."""
+    if _ONEDNN:
+        return _ONEDNN[0]
+    import torch
+
+    ok = False
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if linear is not None and torch.backends.mkldnn.is_available():
+        try:
+            gen = torch.Generator().manual_seed(0)
+            a, b = torch.randn(37, 67, generator=gen), torch.randn(29, 67, generator=gen)
+            ok = all(torch.allclose(linear(x, w, None, "none", [], ""), x @ w.t(), rtol=1e-5, atol=1e-5)
+                     for x, w in ((a, b), (a.t(), a.t()), (a @ b.t(), b.t())))
+        except (RuntimeError, TypeError):
+            ok = False
+    _ONEDNN.append(ok)
+    return ok
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    import torch
+
+    return x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 \
+        and not torch.is_autocast_enabled("cpu") and _onednn_exact()
+
+
+# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each: with
+# row counts rounded up to a multiple of this, a run builds a bounded few (bench/RESULTS.md).
+ROW_MULTIPLE = 32
+
+
+def onednn_row_multiple() -> int | None:
+    """The row multiple that puts fp32 CPU products on oneDNN, or None where oneDNN is not used."""
+    return ROW_MULTIPLE if _onednn_exact() else None
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D `x` with zero rows appended up to a multiple of ROW_MULTIPLE, where matmul_nt would
+    use oneDNN for it; `x` itself otherwise."""
+    import torch
+
+    extra = -x.shape[0] % ROW_MULTIPLE
+    if not extra or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_exact():
+        return x
+    return torch.cat([x, x.new_zeros(extra, x.shape[1])])
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for a 2-D or 3-D `a` and 2-D `b`: through oneDNN for fp32 on the CPU when `a`'s rows
+    are a multiple of ROW_MULTIPLE, through torch's matmul otherwise. Not differentiable: for use
+    inside autograd functions."""
+    import torch
+
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[:-1].numel() % ROW_MULTIPLE == 0 \
+            and _onednn_exact():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.t()
 
 
 _FUNCTIONS: dict[str, type] = {}
@@ -86,7 +159,56 @@ def _functions() -> dict[str, type]:
             scaled = grad * weight
             return inv_rms * (scaled - normed * (scaled * normed).mean(-1, keepdim=True)), None, None
 
-    _FUNCTIONS.update(SiluGate=SiluGate, FrozenRMSNorm=FrozenRMSNorm)
+    class Linear(torch.autograd.Function):
+        """x @ weight.T + bias with every product through `matmul_nt`; keeps x only for a trained weight."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+            out = matmul_nt(x, weight)
+            return out.add_(bias) if bias is not None else out
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+            x, weight = ctx.saved_tensors
+            need_x, need_w, need_b = ctx.needs_input_grad
+            grad_x = matmul_nt(grad, weight.t()) if need_x else None
+            flat = grad.reshape(-1, grad.shape[-1])
+            grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if need_w else None  # rows: the weight's
+            return grad_x, grad_w, flat.sum(0) if need_b else None
+
+    class LoraLinear(torch.autograd.Function):
+        """x @ weight.T + bias + scaling * (x @ a.T) @ b.T, the base products through `matmul_nt`.
+        Keeps x and the rank-sized x @ a.T, as autograd does for peft's LoRA layer."""
+
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                    b: torch.Tensor, scaling: float) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            down = flat @ a.t()
+            out = matmul_nt(flat, weight)
+            if bias is not None:
+                out.add_(bias)
+            out.addmm_(down, b.t(), alpha=scaling)
+            ctx.save_for_backward(x, down, weight, a, b)
+            ctx.scaling = scaling
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+            x, down, weight, a, b = ctx.saved_tensors
+            need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+            flat, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            up = (g @ b).mul_(ctx.scaling)  # gradient at x @ a.T
+            grad_x = None
+            if need_x:
+                grad_x = matmul_nt(g, weight.t()).addmm_(up, a).view(x.shape)
+            grad_w = g.t() @ flat if need_w else None
+            grad_a = up.t() @ flat if need_a else None
+            grad_b = (g.t() @ down).mul_(ctx.scaling) if need_b else None
+            return grad_x, grad_w, g.sum(0) if need_bias else None, grad_a, grad_b, None
+
+    _FUNCTIONS.update(SiluGate=SiluGate, FrozenRMSNorm=FrozenRMSNorm, Linear=Linear, LoraLinear=LoraLinear)
     return _FUNCTIONS
 
 
@@ -100,6 +222,14 @@ def _rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or self.weight.requires_grad or self.weight.dtype != torch.float32:
         return type(self).forward(self, x)
     return _functions()["FrozenRMSNorm"].apply(x, self.weight, self.variance_epsilon)
+
+
+def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if not _onednn_applies(x, self.weight):
+        return F.linear(x, self.weight, self.bias)
+    return _functions()["Linear"].apply(x, self.weight, self.bias)
 
 
 def _is_gated_silu_mlp(module: nn.Module) -> bool:
@@ -145,7 +275,9 @@ def set_training_forwards(model: nn.Module, enabled: bool) -> None:
     from peft.tuners.lora import Linear as LoraLinear
 
     checked: dict[type, bool] = {}  # one check per module class: the layers of a model are alike
-    ours = (_lora_forward, _gated_mlp_forward, _rms_norm_forward)
+    from torch import nn
+
+    ours = (_lora_forward, _gated_mlp_forward, _rms_norm_forward, _linear_forward)
     for module in model.modules():
         if not enabled:
             if getattr(module.__dict__.get("forward"), "__func__", None) in ours:  # leave others' wrappers alone
@@ -158,6 +290,8 @@ def set_training_forwards(model: nn.Module, enabled: bool) -> None:
             forward, width = _gated_mlp_forward, module.gate_proj.in_features
         elif _is_frozen_rms_norm(module):
             forward, width = _rms_norm_forward, module.weight.shape[0]
+        elif type(module) is nn.Linear and module.weight.device.type == "cpu" and _onednn_exact():
+            forward, width = _linear_forward, module.in_features
         else:
             continue
         if type(module) not in checked:

@@ -21,13 +21,20 @@ from typing import Any
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.data.batching import Sample, collate, collate_padded, plan_micro_batches, split_varlen
+from tunesmith.data.batching import (
+    Sample,
+    collate,
+    collate_padded,
+    pad_varlen,
+    plan_micro_batches,
+    split_varlen,
+)
 from tunesmith.errors import UserError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
 from tunesmith.train.attention import choose_layout, restore_attention
 from tunesmith.train.flops import flop_counts
-from tunesmith.train.kernels import set_training_forwards
+from tunesmith.train.kernels import onednn_row_multiple, set_training_forwards
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 
@@ -240,6 +247,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
     # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
     set_training_forwards(model, enabled=not sharded)
+    # fp32 products on the CPU run on oneDNN when their row count is a multiple of this (train/kernels.py)
+    row_multiple = onednn_row_multiple() if load_device == "cpu" and mixed == "no" and not sharded else None
     flops = flop_counts(model)
     module = SFTModule(model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
@@ -305,7 +314,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     last_batch = None
     step_started = time.time()
     for step, batches in step_guard.steps(step_batches(train_samples, lengths, plan, cfg, start_step, accelerator,
-                                                       layout, pad_id)):
+                                                       layout, pad_id, row_multiple)):
         local_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
                                               reduction="sum").item())
@@ -387,9 +396,11 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
 
 def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+                 accelerator: Any, layout: str, pad_id: int,
+                 row_multiple: int | None = None) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
-    batches as an uninterrupted one because the order depends only on (seed, epoch)."""
+    batches as an uninterrupted one because the order depends only on (seed, epoch). Padding-free
+    pieces are padded to a multiple of `row_multiple` tokens when given."""
     t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
     step = start_step
     while step < plan.total_steps:
@@ -412,7 +423,8 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
         # whatever the batch size (bench/RESULTS.md).
         budget = cfg.data.cutoff_len * (2 if cfg.train.bf16 else 1) if accelerator.device.type == "cpu" else None
         for mine in per_step:
-            yield step, [piece for _ in mine for piece in split_varlen(next(items), budget)]
+            pieces = [piece for _ in mine for piece in split_varlen(next(items), budget)]
+            yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
             step += 1
 
 

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.train.attention import forward_kwargs
+from tunesmith.train.kernels import ROW_MULTIPLE, matmul_nt, pad_rows
 
 IGNORE = -100
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 170 tokens of a 49k vocabulary (bench/RESULTS.md)
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 160 tokens of a 49k vocabulary (bench/RESULTS.md)
 
 
 def chunk_tokens(vocab: int) -> int:
-    return max(16, CHUNK_ELEMENTS // max(vocab, 1))
+    """Tokens per chunk: a multiple of kernels.ROW_MULTIPLE, so that full chunks need no padding."""
+    return max(ROW_MULTIPLE, CHUNK_ELEMENTS // max(vocab, 1) // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -44,7 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
-                logits = (h @ w.t()).float()
+                padded_h = pad_rows(h)  # the products' row count rounded up (kernels.ROW_MULTIPLE)
+                padded = matmul_nt(padded_h, w).float()
+                logits = padded[: len(y)]
                 # log-sum-exp in place, so that the logits buffer is the chunk's only large one
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)
                 peak = logits.amax(dim=-1, keepdim=True)
@@ -57,9 +61,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad[torch.arange(len(y), device=y.device), y] -= 1.0
                     g = grad.to(dtype)
                     if need_h:
-                        grad_h[start : start + chunk] = g @ w
+                        if padded_h is not h:  # the padding rows' gradient: zero, in the same buffer
+                            padded[len(y) :] = 0.0
+                            g = padded
+                        grad_h[start : start + chunk] = matmul_nt(g, w.t())[: len(y)]
                     if need_w:
-                        grad_w += (g.t() @ h).float()
+                        grad_w += (g[: len(y)].t() @ h).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
