@@ -62,7 +62,7 @@ def main() -> None:
         set_adapter_input_casting,
     )
     from tunesmith.train.attention import choose_layout
-    from tunesmith.train.kernels import onednn_row_multiple, set_training_forwards
+    from tunesmith.train.kernels import cpu_row_multiple, set_training_forwards
     from tunesmith.train.loss import token_loss
 
     if not args.keep_denormals:
@@ -97,8 +97,8 @@ def main() -> None:
         batches = [collate([[samples[j] for j in row] for row in micro], tokenizer.pad_token_id,
                            "padded" if layout == "grouped" else layout) for micro in plan]
         mixed = "autocast" in options or bf16_base
-        multiple = onednn_row_multiple()
-        if layout == "varlen" and multiple and not mixed and "plain" not in options:  # as training pads them
+        multiple = cpu_row_multiple(mixed)
+        if layout == "varlen" and multiple and "plain" not in options:  # as training pads them
             batches = [pad_varlen(b, multiple, tokenizer.pad_token_id) for b in batches]
         set_adapter_input_casting(model, enabled=not mixed or "cast" in options)  # as training does
         set_training_forwards(model, enabled="plain" not in options)

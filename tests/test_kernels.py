@@ -132,11 +132,14 @@ def test_fp32_products_run_through_onednn_with_the_same_results(tiny_model_dir):
         model(input_ids=torch.arange(5, 69)[None], use_cache=False).logits.sum().backward()
     set_training_forwards(model, False)
     calls = {e.key: e.count for e in prof.key_averages()}
-    config = model.get_base_model().config
-    # forward and input gradient of q, k, v, o, gate, up and down in every layer and of the output
-    # head, but for the input gradient of the first layer's q, k and v (the embeddings are frozen)
-    expected = 2 * (7 * config.num_hidden_layers + 1) - 3 if _onednn_exact() else 0
+    linears = 7 * model.get_base_model().config.num_hidden_layers  # q, k, v, o, gate, up, down
+    # forward: base and A products of every LoRA layer, and the output head; backward: the B, A and
+    # base input-gradient products of every LoRA layer (but no input gradient for the first
+    # layer's q, k and v: the embeddings are frozen), and the output head's input gradient
+    expected = (2 * linears + 1) + (3 * linears + linears - 3 + 1) if _onednn_exact() else 0
     assert calls.get("mkldnn::_linear_pointwise", 0) == expected, calls.get("mkldnn::_linear_pointwise")
+    if _onednn_exact():
+        assert "aten::mm" not in calls, calls["aten::mm"]
 
 
 @pytest.mark.parametrize("train_base", [False, True])

@@ -21,7 +21,7 @@ from tunesmith.data.batching import (
     split_varlen,
 )
 from tunesmith.train.attention import VARLEN_SDPA, attention_implementation, choose_layout, forward_kwargs
-from tunesmith.train.kernels import onednn_row_multiple
+from tunesmith.train.kernels import cpu_row_multiple
 
 
 def tiny_llama(implementation: str, seed: int = 0):
@@ -171,7 +171,7 @@ def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shar
     assert max(p["padding_share"] for p in padded) > 0.05, [p["padding_share"] for p in padded]
     # padding-free but for each piece's rounding up to the row multiple of the CPU's fp32 products
     # (6 samples per step: at most 6 pieces)
-    multiple = onednn_row_multiple() or 1
+    multiple = cpu_row_multiple(mixed_precision=False) or 1
     for p in packed:
         padding = p["tokens"] / (1 - p["padding_share"]) - p["tokens"]
         assert padding <= 6 * (multiple - 1) + 1e-6, (padding, p)
@@ -253,12 +253,13 @@ def _attention_inputs(length: int, dtype: torch.dtype, seed: int = 0):
     return [t.to(dtype).requires_grad_() for t in (q, k, v)], grad.to(dtype)
 
 
+@pytest.mark.parametrize("length", [37, 64])  # padded inside to a multiple of 32, or not
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_matmul_attention_matches_sdpa(dtype, tolerance):
+def test_matmul_attention_matches_sdpa(dtype, tolerance, length):
     """The bf16 CPU kernel: causal, grouped-query heads mapped like repeat_kv, same gradients."""
     from tunesmith.train.attention import causal_matmul_attention
 
-    (q, k, v), grad = _attention_inputs(37, dtype)
+    (q, k, v), grad = _attention_inputs(length, dtype)
     out = causal_matmul_attention(q, k, v, 0.25)
     out.backward(grad)
     ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
@@ -266,7 +267,7 @@ def test_matmul_attention_matches_sdpa(dtype, tolerance):
     ref = torch.nn.functional.scaled_dot_product_attention(
         qr, kr.repeat_interleave(3, dim=1), vr.repeat_interleave(3, dim=1), is_causal=True, scale=0.25).transpose(1, 2)
     ref.backward(grad.float())
-    assert out.shape == ref.shape == (1, 37, 6, 16) and out.dtype == dtype
+    assert out.shape == ref.shape == (1, length, 6, 16) and out.dtype == dtype
     scale = ref.abs().max()
     assert (out.float() - ref).abs().max() < tolerance * scale
     for mine, theirs in zip((q, k, v), ref_inputs, strict=True):

@@ -71,10 +71,21 @@ _CAUSAL_MATMUL: type | None = None
 def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             scaling: float) -> torch.Tensor:
     """(1, heads, L, d) query against (1, kv_heads, L, d) key/value; returns (1, L, heads, d) like sdpa's wrapper."""
+    import torch.nn.functional as F
+
+    from tunesmith.train.kernels import ROW_MULTIPLE
+
     global _CAUSAL_MATMUL
     if _CAUSAL_MATMUL is None:
         _CAUSAL_MATMUL = _causal_attention_function()
-    return _CAUSAL_MATMUL.apply(query, key, value, scaling).transpose(1, 2)
+    # Lengths padded to a multiple of ROW_MULTIPLE bound the product shapes oneDNN builds kernels
+    # for (train/kernels.py). The padding keys lie in the future of every real query, so the
+    # causal mask hides them; the padding queries' outputs are dropped.
+    length = query.shape[2]
+    extra = -length % ROW_MULTIPLE
+    if extra:
+        query, key, value = (F.pad(t, (0, 0, 0, extra)) for t in (query, key, value))
+    return _CAUSAL_MATMUL.apply(query, key, value, scaling)[:, :, :length].transpose(1, 2)
 
 
 def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -13,8 +13,7 @@ on a random input before they are installed. bench/RESULTS.md measures them.
   silu, where autograd keeps silu(gate(x)) as well (1 of the 4 intermediate-sized tensors).
 - RMSNorm with a frozen fp32 weight: keeps its output (which the next linear layer keeps anyway)
   instead of its input, and recovers the normalised input as output / weight.
-- Linear layers in fp32 on the CPU: their forward and input-gradient products run through
-  oneDNN, which dispatches on the CPU's features, where torch's fp32 matmul goes to a BLAS that
+- Linear layers in fp32 on the CPU: their products (forward and gradients) run through oneDNN, which dispatches on the CPU's features, where torch's fp32 matmul goes to a BLAS that
   may not use AVX-512 on every vendor's CPU (about 2.2x apart on an AVX-512 AMD CPU,
   bench/RESULTS.md). `matmul_nt` offers the same product to the loss's output head. Training
   pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
@@ -87,35 +86,52 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu") and _onednn_exact()
 
 
-# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each: with
-# row counts rounded up to a multiple of this, a run builds a bounded few (bench/RESULTS.md).
+# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each. It
+# runs torch's bf16 products on the CPU, and our fp32 ones where each dimension of a product is
+# below, or a multiple of, ROW_MULTIPLE. With token counts padded to such multiples a run builds a
+# bounded few kernels; unpadded, every new length builds more (bench/RESULTS.md).
 ROW_MULTIPLE = 32
 
 
-def onednn_row_multiple() -> int | None:
-    """The row multiple that puts fp32 CPU products on oneDNN, or None where oneDNN is not used."""
-    return ROW_MULTIPLE if _onednn_exact() else None
+def _on_onednn(x: torch.Tensor) -> bool:
+    import torch
+
+    if x.device.type != "cpu":
+        return False
+    if x.dtype == torch.float32:
+        return _onednn_exact()
+    return x.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
+
+
+def cpu_row_multiple(mixed_precision: bool) -> int | None:
+    """The multiple that training pads token counts to on the CPU (None: no padding), where the
+    products run on oneDNN."""
+    import torch
+
+    return ROW_MULTIPLE if _on_onednn(torch.empty(0, dtype=torch.bfloat16 if mixed_precision else torch.float32)) \
+        else None
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """A 2-D `x` with zero rows appended up to a multiple of ROW_MULTIPLE, where matmul_nt would
-    use oneDNN for it; `x` itself otherwise."""
+    """A 2-D `x` with zero rows appended up to a multiple of ROW_MULTIPLE where its products run
+    on oneDNN; `x` itself otherwise."""
     import torch
 
     extra = -x.shape[0] % ROW_MULTIPLE
-    if not extra or x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_exact():
+    if not extra or not _on_onednn(x):
         return x
     return torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T for a 2-D or 3-D `a` and 2-D `b`: through oneDNN for fp32 on the CPU when `a`'s rows
-    are a multiple of ROW_MULTIPLE, through torch's matmul otherwise. Not differentiable: for use
-    inside autograd functions."""
+    """a @ b.T for a 2-D or 3-D `a` and 2-D `b` (either may be a transposed view): through oneDNN
+    for fp32 on the CPU when every dimension is below or a multiple of ROW_MULTIPLE, through
+    torch's matmul otherwise. Not differentiable: for use inside autograd functions."""
     import torch
 
-    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.shape[:-1].numel() % ROW_MULTIPLE == 0 \
-            and _onednn_exact():
+    dims = (a.shape[:-1].numel(), a.shape[-1], b.shape[0])
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 \
+            and all(d < ROW_MULTIPLE or d % ROW_MULTIPLE == 0 for d in dims) and _onednn_exact():
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
 
@@ -174,18 +190,18 @@ def _functions() -> dict[str, type]:
             need_x, need_w, need_b = ctx.needs_input_grad
             grad_x = matmul_nt(grad, weight.t()) if need_x else None
             flat = grad.reshape(-1, grad.shape[-1])
-            grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if need_w else None  # rows: the weight's
+            grad_w = matmul_nt(flat.t(), x.reshape(-1, x.shape[-1]).t()) if need_w else None
             return grad_x, grad_w, flat.sum(0) if need_b else None
 
     class LoraLinear(torch.autograd.Function):
-        """x @ weight.T + bias + scaling * (x @ a.T) @ b.T, the base products through `matmul_nt`.
+        """x @ weight.T + bias + scaling * (x @ a.T) @ b.T, the products through `matmul_nt`.
         Keeps x and the rank-sized x @ a.T, as autograd does for peft's LoRA layer."""
 
         @staticmethod
         def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                     b: torch.Tensor, scaling: float) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1])
-            down = flat @ a.t()
+            down = matmul_nt(flat, a)
             out = matmul_nt(flat, weight)
             if bias is not None:
                 out.add_(bias)
@@ -199,13 +215,14 @@ def _functions() -> dict[str, type]:
             x, down, weight, a, b = ctx.saved_tensors
             need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
             flat, g = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-            up = (g @ b).mul_(ctx.scaling)  # gradient at x @ a.T
+            up = matmul_nt(g, b.t()).mul_(ctx.scaling)  # gradient at x @ a.T
             grad_x = None
             if need_x:
                 grad_x = matmul_nt(g, weight.t()).addmm_(up, a).view(x.shape)
-            grad_w = g.t() @ flat if need_w else None
-            grad_a = up.t() @ flat if need_a else None
-            grad_b = (g.t() @ down).mul_(ctx.scaling) if need_b else None
+            grad_w = matmul_nt(g.t(), flat.t()) if need_w else None
+            grad_a = matmul_nt(up.t(), flat.t()) if need_a else None
+            # (down.T @ g).T reads g along its rows: several times faster than g.T @ down
+            grad_b = matmul_nt(down.t(), g.t()).t().mul_(ctx.scaling) if need_b else None
             return grad_x, grad_w, g.sum(0) if need_bias else None, grad_a, grad_b, None
 
     _FUNCTIONS.update(SiluGate=SiluGate, FrozenRMSNorm=FrozenRMSNorm, Linear=Linear, LoraLinear=LoraLinear)

@@ -34,7 +34,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
 from tunesmith.train.attention import choose_layout, restore_attention
 from tunesmith.train.flops import flop_counts
-from tunesmith.train.kernels import onednn_row_multiple, set_training_forwards
+from tunesmith.train.kernels import cpu_row_multiple, set_training_forwards
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 
@@ -247,8 +247,9 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
     # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
     set_training_forwards(model, enabled=not sharded)
-    # fp32 products on the CPU run on oneDNN when their row count is a multiple of this (train/kernels.py)
-    row_multiple = onednn_row_multiple() if load_device == "cpu" and mixed == "no" and not sharded else None
+    # CPU products run on oneDNN, which builds a kernel per shape: pieces are padded to a multiple
+    # of this many tokens, which bounds the kernels (and is what puts fp32 on oneDNN, train/kernels.py)
+    row_multiple = cpu_row_multiple(mixed != "no") if load_device == "cpu" and not sharded else None
     flops = flop_counts(model)
     module = SFTModule(model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW

@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
-                padded_h = pad_rows(h)  # the products' row count rounded up (kernels.ROW_MULTIPLE)
+                padded_h = pad_rows(h)  # row count rounded up for oneDNN (kernels.ROW_MULTIPLE)
                 padded = matmul_nt(padded_h, w).float()
                 logits = padded[: len(y)]
                 # log-sum-exp in place, so that the logits buffer is the chunk's only large one
@@ -59,14 +59,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     # d(sum CE)/d logits = softmax - onehot, formed in the same buffer
                     grad = exps.div_(sums)
                     grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                    if padded_h is not h:  # the padding rows' gradient: zero, in the same buffer
+                        padded[len(y) :] = 0.0
+                        grad = padded
                     g = grad.to(dtype)
                     if need_h:
-                        if padded_h is not h:  # the padding rows' gradient: zero, in the same buffer
-                            padded[len(y) :] = 0.0
-                            g = padded
                         grad_h[start : start + chunk] = matmul_nt(g, w.t())[: len(y)]
                     if need_w:
-                        grad_w += (g[: len(y)].t() @ h).float()
+                        grad_w += matmul_nt(g.t(), padded_h.t()).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)
         ctx.weight_dtype = weight.dtype
