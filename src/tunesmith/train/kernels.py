@@ -8,15 +8,19 @@ on a random input before they are installed. bench/RESULTS.md measures them.
 
 - LoRA linear: base(x) + scaling * B(A(x)) with the B product, the scaling and the sum in one
   addmm into the base output, where peft forms, scales and adds a (tokens x out) tensor: two
-  passes and two activation-sized temporaries fewer per layer.
+  passes and two activation-sized temporaries fewer per layer. In fp32 on the CPU the whole layer
+  is one autograd function (`LoraLinear`) whose products all run through `matmul_nt`.
 - Gated MLP (down(silu(gate(x)) * up(x))): keeps gate(x) and up(x) for backward and recomputes
   silu, where autograd keeps silu(gate(x)) as well (1 of the 4 intermediate-sized tensors).
 - RMSNorm with a frozen fp32 weight: keeps its output (which the next linear layer keeps anyway)
   instead of its input, and recovers the normalised input as output / weight.
-- Linear layers in fp32 on the CPU: their products (forward and gradients) run through oneDNN, which dispatches on the CPU's features, where torch's fp32 matmul goes to a BLAS that
-  may not use AVX-512 on every vendor's CPU (about 2.2x apart on an AVX-512 AMD CPU,
-  bench/RESULTS.md). `matmul_nt` offers the same product to the loss's output head. Training
-  pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
+- Other linear layers in fp32 on the CPU: their products (forward and gradients) go through
+  `matmul_nt` as well.
+
+`matmul_nt` runs fp32 products on the CPU through oneDNN, which picks its kernels from the CPU's
+features, where torch's fp32 matmul goes to a BLAS that may not use AVX-512 on every vendor's CPU
+(2.2x apart on an AVX-512 AMD CPU, bench/RESULTS.md); the loss's output head uses it too.
+Training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
 """
 
 from __future__ import annotations
@@ -93,14 +97,14 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 ROW_MULTIPLE = 32
 
 
-def _on_onednn(x: torch.Tensor) -> bool:
+def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
     import torch
 
-    if x.device.type != "cpu":
+    if device_type != "cpu":
         return False
-    if x.dtype == torch.float32:
+    if dtype == torch.float32:
         return _onednn_exact()
-    return x.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
+    return dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
 
 
 def cpu_row_multiple(mixed_precision: bool) -> int | None:
@@ -108,8 +112,7 @@ def cpu_row_multiple(mixed_precision: bool) -> int | None:
     products run on oneDNN."""
     import torch
 
-    return ROW_MULTIPLE if _on_onednn(torch.empty(0, dtype=torch.bfloat16 if mixed_precision else torch.float32)) \
-        else None
+    return ROW_MULTIPLE if _on_onednn("cpu", torch.bfloat16 if mixed_precision else torch.float32) else None
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     extra = -x.shape[0] % ROW_MULTIPLE
-    if not extra or not _on_onednn(x):
+    if not extra or not _on_onednn(x.device.type, x.dtype):
         return x
     return torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
