@@ -84,10 +84,12 @@ def _onednn_exact() -> bool:
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer's fp32 products take oneDNN (`matmul_nt`): fp32 input and weight on the
+    CPU, outside autocast (which computes in bf16 through torch's own products)."""
     import torch
 
-    return x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 \
-        and not torch.is_autocast_enabled("cpu") and _onednn_exact()
+    return x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") \
+        and _on_onednn(x.device.type, x.dtype)
 
 
 # oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each. It
@@ -293,10 +295,9 @@ def set_training_forwards(model: nn.Module, enabled: bool) -> None:
     """Install (or remove) the training forwards on every module they apply to."""
     import torch
     from peft.tuners.lora import Linear as LoraLinear
-
-    checked: dict[type, bool] = {}  # one check per module class: the layers of a model are alike
     from torch import nn
 
+    checked: dict[type, bool] = {}  # one check per module class: the layers of a model are alike
     ours = (_lora_forward, _gated_mlp_forward, _rms_norm_forward, _linear_forward)
     for module in model.modules():
         if not enabled:
