@@ -119,7 +119,7 @@ def test_a_norm_weight_with_a_zero_keeps_its_own_forward(tiny_model_dir, zero_we
     assert ("forward" in norm.__dict__) is not zero_weight
 
 
-def test_fp32_products_run_through_onednn_with_the_same_results(tiny_model_dir):
+def test_fp32_products_run_through_onednn(tiny_model_dir):
     """On the CPU the linear layers' and the output head's fp32 products go through oneDNN."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -25,6 +25,7 @@ Training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take 
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -59,28 +60,22 @@ def _lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     return result
 
 
-_ONEDNN: list[bool] = []  # whether oneDNN's linear product is available and exact here (checked once)
-
-
+@functools.cache
 def _onednn_exact() -> bool:
     """oneDNN's fp32 linear product exists in this torch build and gives fp32 results (not a
-    reduced-precision mode), for plain and transposed operands."""
-    if _ONEDNN:
-        return _ONEDNN[0]
+    reduced-precision mode), for plain and transposed operands. Checked once per process."""
     import torch
 
-    ok = False
     linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if linear is not None and torch.backends.mkldnn.is_available():
-        try:
-            gen = torch.Generator().manual_seed(0)
-            a, b = torch.randn(37, 67, generator=gen), torch.randn(29, 67, generator=gen)
-            ok = all(torch.allclose(linear(x, w, None, "none", [], ""), x @ w.t(), rtol=1e-5, atol=1e-5)
-                     for x, w in ((a, b), (a.t(), a.t()), (a @ b.t(), b.t())))
-        except (RuntimeError, TypeError):
-            ok = False
-    _ONEDNN.append(ok)
-    return ok
+    if linear is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(37, 67, generator=gen), torch.randn(29, 67, generator=gen)
+        return all(torch.allclose(linear(x, w, None, "none", [], ""), x @ w.t(), rtol=1e-5, atol=1e-5)
+                   for x, w in ((a, b), (a.t(), a.t()), (a @ b.t(), b.t())))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

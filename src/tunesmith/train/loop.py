@@ -234,7 +234,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # --- model ---
     # Straight onto a single GPU (flash attention needs CUDA at load time); DeepSpeed and FSDP place the
     # weights themselves at prepare, so they load on the CPU.
-    sharded = distributed.is_deepspeed(accelerator) or distributed.is_fsdp(accelerator)
+    sharded = distributed.is_sharded(accelerator)
     load_device = accelerator.device if accelerator.device.type == "cuda" and not sharded else "cpu"
     model = load_model(cfg.model, dtype=base_dtype_for_training(cfg.model, cfg.finetune.finetuning_type, mixed),
                        device=load_device)
@@ -247,9 +247,6 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
     # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
     set_training_forwards(model, enabled=not sharded)
-    # CPU products run on oneDNN, which builds a kernel per shape: pieces are padded to a multiple
-    # of this many tokens, which bounds the kernels (and is what puts fp32 on oneDNN, train/kernels.py)
-    row_multiple = cpu_row_multiple(mixed != "no") if load_device == "cpu" and not sharded else None
     flops = flop_counts(model)
     module = SFTModule(model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
@@ -315,7 +312,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     last_batch = None
     step_started = time.time()
     for step, batches in step_guard.steps(step_batches(train_samples, lengths, plan, cfg, start_step, accelerator,
-                                                       layout, pad_id, row_multiple)):
+                                                       layout, pad_id)):
         local_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
                                               reduction="sum").item())
@@ -397,12 +394,19 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
 
 def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, layout: str, pad_id: int,
-                 row_multiple: int | None = None) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+                 accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
-    batches as an uninterrupted one because the order depends only on (seed, epoch). Padding-free
-    pieces are padded to a multiple of `row_multiple` tokens when given."""
+    batches as an uninterrupted one because the order depends only on (seed, epoch)."""
     t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
+    on_cpu = accelerator.device.type == "cpu"
+    # On the CPU a forward/backward pass takes whole samples up to cutoff_len tokens (twice that
+    # in bf16, whose activations are half the size): peak memory stays that of one long sample
+    # whatever the batch size (bench/RESULTS.md).
+    budget = cfg.data.cutoff_len * (2 if t.bf16 else 1) if on_cpu else None
+    # CPU products run on oneDNN, which builds a kernel per shape: pieces padded to a multiple of
+    # this many tokens bound the kernels (and put fp32 on oneDNN, train/kernels.py). Sharded runs
+    # keep the library forwards, whose fp32 products don't take oneDNN.
+    row_multiple = cpu_row_multiple(t.bf16) if on_cpu and not distributed.is_sharded(accelerator) else None
     step = start_step
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
@@ -419,10 +423,6 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                                  worker_init_fn=guard.ignore_stop_signals,
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
-        # On the CPU a forward/backward pass takes whole samples up to cutoff_len tokens (twice that
-        # in bf16, whose activations are half the size): peak memory stays that of one long sample
-        # whatever the batch size (bench/RESULTS.md).
-        budget = cfg.data.cutoff_len * (2 if cfg.train.bf16 else 1) if accelerator.device.type == "cpu" else None
         for mine in per_step:
             pieces = [piece for _ in mine for piece in split_varlen(next(items), budget)]
             yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
