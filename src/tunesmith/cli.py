@@ -57,8 +57,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from tunesmith.api import serve
     from tunesmith.config import load_config
+
+    try:
+        from tunesmith.api import serve
+    except ModuleNotFoundError as exc:
+        raise UserError(f"the API server needs {exc.name}, which is not installed.",
+                        hint="pip install 'tunesmith[api]'") from None
 
     serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
     return 0
