@@ -72,7 +72,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_webui(args: argparse.Namespace) -> int:
     from tunesmith.ui import launch
 
-    launch(host=args.host, port=args.port)
+    launch(host=args.host, port=args.port, root=args.root, auth=args.auth)
     return 0
 
 
@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
             "A web page to configure and launch runs, watch the loss, chat and export.", epilog=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--root", default=None, help="workspace folder: every path the page reads or writes must lie "
+                                                "inside it (default: the current folder)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="login for the page; required to bind anything but a loopback address "
+                        "(default: env TUNESMITH_WEBUI_AUTH)")
 
     p = add("data", cmd_data, "inspect how datasets are rendered and masked",
             "See exactly what training will see.", epilog=None)
