@@ -33,6 +33,8 @@ from starlette.responses import StreamingResponse
 
 from tunesmith.api_request import (
     MAX_BODY_BYTES,
+    MAX_MESSAGES,  # noqa: F401 (callers read the limits here)
+    MAX_TOKENS_CAP,
     ApiError,
     ChatCompletionRequest,
     ChatRequest,
@@ -45,7 +47,6 @@ from tunesmith.errors import UserError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 64  # requests waiting behind the one generating
-MAX_TOKENS_CAP = 4096  # the most tokens one reply may take, whatever the context allows
 DISCONNECT_POLL_SECONDS = 0.1
 log = logging.getLogger("tunesmith.api")
 
@@ -100,6 +101,31 @@ class ApiServer:
         self.mean_seconds = 1.0
         self._gate: asyncio.Lock | None = None
         self.app = build_app(self)
+        self._uvicorn: Any = None
+        self._stopped = threading.Event()
+
+    # -- running ------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Answer requests on the socket until shutdown() (or SIGINT/SIGTERM in the main thread)."""
+        import uvicorn
+
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5, timeout_keep_alive=30)
+        self._uvicorn = uvicorn.Server(config)
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 10) -> None:
+        """Stop serve_forever running in another thread, and wait for it."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
     @property
     def gate(self) -> asyncio.Lock:
@@ -320,8 +346,12 @@ def build_app(server: ApiServer) -> Any:
         "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}}})
     async def chat_completions(http: Request) -> Any:
         request = parse_chat_request(parse_json(await read_body(http)))
-        await asyncio.to_thread(server.preflight, request)
-        ticket = server.admit()
+        ticket = server.admit()  # before the tokenizing, so a flood is refused cheaply
+        try:
+            await asyncio.to_thread(server.preflight, request)
+        except BaseException:
+            ticket.abandon()
+            raise
         if request.stream:
             return Stream(server.events(request, ticket), on_close=ticket.abandon)
         reply = await server.complete(http, request, ticket)
@@ -449,14 +479,10 @@ def serve(cfg: RunConfig, host: str | None = None, port: int | None = None) -> N
 
 
 def run_uvicorn(server: ApiServer) -> None:
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    config = uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=30)
     try:
-        uvicorn.Server(config).run(sockets=[server.socket])
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.socket.close()
+        server.server_close()

@@ -16,6 +16,7 @@ MAX_BODY_BYTES = 1_000_000
 MAX_JSON_DEPTH = 32  # objects and lists inside each other; the real schema needs 5
 MAX_MESSAGES = 256
 MAX_STOP_STRINGS = 4
+MAX_TOKENS_CAP = 4096  # the most tokens one reply may take, whatever the context allows
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -54,7 +55,8 @@ class Message(BaseModel):
         try:
             return handler(value)
         except ValidationError:  # the union's two failures say less than this
-            raise ValueError('must be a string or a list of text parts ({"type": "text", "text": ...})') from None
+            raise ValueError('must be a string or a list of parts; only text parts ({"type": "text", "text": ...}) '
+                             "are supported") from None
 
 
 class StreamOptions(BaseModel):
@@ -189,6 +191,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
         gen["top_p"] = request.top_p
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is not None:
-        gen["max_new_tokens"] = max_tokens
+        gen["max_new_tokens"] = min(max_tokens, MAX_TOKENS_CAP)  # and to the context's room, once tokenized
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return ChatRequest(messages, bool(request.stream), include_usage, [s for s in stops if s], gen)
