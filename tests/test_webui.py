@@ -496,6 +496,12 @@ def test_start_checks_every_path_before_writing(workspace):
     message = _message(workspace.call("/start", *workspace.form(output_dir="runs/d"), "deepspeed: /etc/ds.json\n"))
     assert "deepspeed /etc/ds.json is outside the workspace root" in message
     assert not (workspace.root / "runs").exists() and not (workspace.outside / "run").exists()
+    held = workspace.root / "held"
+    held.mkdir()
+    (held / "train_results.json").write_text("{}")
+    message = _message(workspace.call("/start", *workspace.form(output_dir="held"), ""))
+    assert f"output_dir {held} already holds a run" in message
+    assert sorted(p.name for p in held.iterdir()) == ["train_results.json"]  # nothing written into it
 
 
 def test_datasets_watch_chat_and_export_stay_inside(workspace):

@@ -173,8 +173,12 @@ class WebUI:
                             f"{self.workspace.root}.")
         self.workspace.check_datasets(merged.get("dataset_dir") or form.default("dataset_dir"),
                                       merged.get("dataset"))
-        out = self.runs.start(self.workspace.path(merged["output_dir"], "output_dir"), text)
-        return settings, text, out
+        out = self.workspace.path(merged["output_dir"], "output_dir")
+        if _holds_run(out) and not merged.get("overwrite_output_dir") and not merged.get("resume_from_checkpoint"):
+            raise UserError(f"output_dir {out} already holds a run.",  # refused before its files are touched
+                            hint="continue it with resume_from_checkpoint: true, start afresh with "
+                                 "overwrite_output_dir: true, or choose another output_dir.")
+        return settings, text, self.runs.start(out, text)
 
     def scratch_file(self, prefix: str) -> Path:
         """A new file of our own in the work folder: pages may submit at the same time."""
@@ -257,6 +261,13 @@ class WebUI:
         verified = next((line for line in lines if line.startswith("Verified:")), "")
         yield console, (f"**Exported and verified** to `{out}`  \n{verified}\n\n| file | size |\n|---|---|\n"
                         f"{listing}")
+
+
+def _holds_run(folder: Path) -> bool:
+    """True when folder holds what `tunesmith train` refuses to overwrite unasked."""
+    from tunesmith.train.checkpoint import RUN_MARKERS, list_checkpoints
+
+    return folder.is_dir() and (any((folder / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(folder)))
 
 
 def build_app(ui: WebUI | None = None) -> Any:
