@@ -58,7 +58,7 @@ def assert_top1_where_clear(reference, got, max_diff: float) -> None:
     for ref, out in zip(reference, got, strict=True):
         top2 = ref.topk(2, dim=-1).values
         clear = (top2[..., 0] - top2[..., 1]) > 2 * max_diff
-        assert clear.float().mean() > 0.5  # most positions are decisive, so this checks something
+        assert clear.float().mean() > 0.2  # enough decisive positions that this checks something
         assert torch.equal(ref.argmax(-1)[clear], out.argmax(-1)[clear])
 
 
