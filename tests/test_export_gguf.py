@@ -215,3 +215,38 @@ def test_unmapped_architecture_is_refused_by_name(tmp_path, tokenizer, default_m
 def test_export_gguf_key_names_its_choices():
     with pytest.raises(UserError, match="'export_gguf' is 'q4'; allowed: f16, bf16, q8_0"):
         load_config(None, {"export_gguf": "q4"})
+
+
+def test_sentencepiece_style_tokenizer_is_embedded(tmp_path):
+    """A Llama-2-style tokenizer (BPE over '▁'-joined words, unknown bytes as <0xNN> pieces) is
+    written as llama.cpp's 'llama' vocabulary and reads back as the same tokenizer."""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+
+    from tunesmith.export_gguf import GGUF_TEST_TEXT, write_gguf
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=pieces,
+                                  initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyz"))
+    backend.train_from_iterator([GGUF_TEST_TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20], trainer)
+    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    path = write_gguf(model, tokenizer, "f16", tmp_path / "model.gguf", name="spm")
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    vocab = tokenizer.get_vocab()
+    assert (types[vocab["<unk>"]], types[vocab["<s>"]], types[vocab["<0x41>"]]) == (2, 3, 6)  # unknown, control, byte
+    scores = fields["tokenizer.ggml.scores"].contents()
+    merged_early, merged_late = (m.replace(" ", "") for m in fields["tokenizer.ggml.merges"].contents()[:2])
+    assert scores[vocab[merged_early]] > scores[vocab[merged_late]]  # earlier merges score higher
+    from_file = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in [GGUF_TEST_TEXT, "Hello wörld, ünïcode 😀", " leading space"]:
+        assert from_file(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -267,8 +267,8 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
         kind = kinds_of.CONTROL if added.get("special") else kinds_of.USER_DEFINED
         by_id[int(added["id"])] = (added["content"], int(kind))
     if not byte_level:
-        for i, (text, kind) in by_id.items():
-            if kind == kinds_of.NORMAL and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+        for i, (text, _) in by_id.items():  # byte fallback pieces, whether trained or added
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
                 by_id[i] = (text, int(kinds_of.BYTE))
         unk = model.get("unk_token")
         for i, (text, _) in by_id.items():
