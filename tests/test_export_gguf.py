@@ -241,6 +241,7 @@ def test_sentencepiece_style_tokenizer_is_embedded(tmp_path):
     path = write_gguf(model, tokenizer, "f16", tmp_path / "model.gguf", name="spm")
     fields = GGUFReader(path).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True  # Metaspace prepends '▁' to the text
     types = fields["tokenizer.ggml.token_type"].contents()
     vocab = tokenizer.get_vocab()
     assert (types[vocab["<unk>"]], types[vocab["<s>"]], types[vocab["<0x41>"]]) == (2, 3, 6)  # unknown, control, byte

@@ -206,6 +206,7 @@ class GgufVocab:
     types: list[int]
     merges: list[str]
     scores: list[float] | None
+    space_prefix: bool = False  # SentencePiece-style: a '▁' is put before the text
 
 
 # Byte-level pre-tokenizer splits, as tokenizer.json spells them, and llama.cpp's names for them.
@@ -285,7 +286,15 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
         rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
         scores = [-float(rank[t]) - 1.0 if t in rank else 0.0 for t in tokens]
     return GgufVocab("gpt2" if byte_level else "llama", _pre_tokenizer_name(spec) if byte_level else None,
-                     tokens, types, merges, scores)
+                     tokens, types, merges, scores, not byte_level and _adds_space_prefix(spec))
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts '▁' before the text (Metaspace, or a normalizer that prepends it)."""
+    for part in _walk(spec.get("pre_tokenizer")):
+        if part.get("type") == "Metaspace":
+            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+    return any(part.get("type") == "Prepend" for part in _walk(spec.get("normalizer")))
 
 
 def _adds_token(tokenizer: Any, token_id: int | None, first: bool) -> bool:
@@ -303,7 +312,7 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab: GgufVocab, end_of_turn:
     writer.add_token_types(vocab.types)
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
-        writer.add_add_space_prefix(False)
+        writer.add_add_space_prefix(vocab.space_prefix)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
     if tokenizer.bos_token_id is not None:
