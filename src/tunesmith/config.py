@@ -149,6 +149,9 @@ class ExportArgs:
     export_device: str = opt("cpu", "Device used to merge.", ("cpu", "auto"))
     export_legacy_format: bool = opt(False, "Write .bin shards instead of safetensors.")
     export_dtype: str = opt("auto", "Dtype of the exported weights.", ("auto", "float32", "bfloat16", "float16"))
+    export_gguf: str | None = opt(None, "Also write DIR/model-<type>.gguf (llama.cpp/Ollama, tokenizer and chat "
+                                        "template inside), verified against the merged model.",
+                                  ("f16", "bf16", "q8_0"))
 
 
 @dataclass

@@ -67,6 +67,19 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         merged, merge_diff = reference, 0.0
     scale = max(1.0, max(float(r.abs().max()) for r in reference))
     tolerance = VERIFY_TOLERANCE * scale
+    gguf_dir = None
+    if cfg.export.export_gguf:  # from the fp32 merged weights, before they are rounded below
+        from tunesmith.export_gguf import export_gguf
+
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        gguf_dir = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.gguf-", dir=export_dir.parent))
+        eos_ids, _ = end_of_turn_ids(tokenizer, cfg.model.template, model.generation_config.eos_token_id)
+        try:
+            export_gguf(model, tokenizer, cfg.export.export_gguf, gguf_dir, prompts, name=export_dir.name,
+                        end_of_turn=eos_ids)
+        except BaseException:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
+            raise
 
     dtype_name = _export_dtype_name(cfg, model)
     export_dtype = getattr(torch, dtype_name)
@@ -89,12 +102,19 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         eos_ids, _ = end_of_turn_ids(tokenizer, cfg.model.template, model.generation_config.eos_token_id)
         _write_generation_config(model, tokenizer, eos_ids, staging)
-        (staging / "Modelfile").write_text(ollama_modelfile(tokenizer, cfg.model.template), encoding="utf-8")
+        gguf_files = [f.name for f in gguf_dir.iterdir()] if gguf_dir else []
+        for name in gguf_files:
+            shutil.move(gguf_dir / name, staging / name)
+        (staging / "Modelfile").write_text(
+            ollama_modelfile(tokenizer, cfg.model.template, weights=f"./{gguf_files[0]}" if gguf_files else "."),
+            encoding="utf-8")
         del model
         loaded_diff, base_diff = _verify(staging, prompts, expected, reference, tolerance, merge_diff)
         replace_folder(staging, export_dir)  # an earlier export is replaced only now, once verified
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if gguf_dir:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
     shards = sorted(p.name for p in export_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     print(f"Verified: plain transformers loads {export_dir} ({len(shards)} weight file(s), {dtype_name}); "
           f"largest logit difference vs base+adapter: {base_diff:.3g} "
@@ -305,14 +325,15 @@ def _go_literal(text: str) -> str:
     return text
 
 
-def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
+def ollama_modelfile(tokenizer: Any, template_name: str | None, weights: str = ".") -> str:
     """An Ollama Modelfile for this folder: the chat template in Go-template form (plain
-    system/user/assistant chats) and the end-of-turn strings as stop parameters."""
+    system/user/assistant chats) and the end-of-turn strings as stop parameters. `weights` is what
+    FROM names: the folder itself (safetensors), or the GGUF file in it."""
     _, multi = end_of_turn_ids(tokenizer, template_name)
     stops = list(dict.fromkeys([*stop_strings(tokenizer, template_name), *multi]))
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
-    lines = ["FROM ."]
+    lines = [f"FROM {weights}"]
     pieces = _chat_pieces(tokenizer)
     if pieces is None:
         lines.append("# The chat template could not be expressed as a Go template; write TEMPLATE by hand.")
