@@ -39,9 +39,9 @@ def tiny_model(model_type: str, tokenizer, seed: int = 0):
 
 
 def logits_on(model, prompts):
-    from tunesmith.export import _logits
+    from tunesmith.export_gguf import prompt_logits
 
-    return _logits(model, prompts)
+    return prompt_logits(model, prompts)
 
 
 def check_inputs(tokenizer):

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
+from tunesmith.export_gguf import export_gguf, prompt_logits
 from tunesmith.files import replace_folder
 from tunesmith.loading import ModelSource, load, source_for
 from tunesmith.template import end_of_turn_ids, render, stop_strings
@@ -58,10 +59,10 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
     model, tokenizer = load(source, dtype=torch.float32, device=device)
     prompts = [tokenizer(render(c, tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
                for c in VERIFY_CONVERSATIONS]
-    reference = _logits(model, prompts)
+    reference = prompt_logits(model, prompts)
     if source.adapters:
         model = model.merge_and_unload()
-        merged = _logits(model, prompts)
+        merged = prompt_logits(model, prompts)
         merge_diff = _max_diff(merged, reference)
     else:
         merged, merge_diff = reference, 0.0
@@ -69,7 +70,6 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
     tolerance = VERIFY_TOLERANCE * scale
     gguf_dir = None
     if cfg.export.export_gguf:  # from the fp32 merged weights, before they are rounded below
-        from tunesmith.export_gguf import export_gguf
 
         export_dir.parent.mkdir(parents=True, exist_ok=True)
         gguf_dir = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.gguf-", dir=export_dir.parent))
@@ -91,7 +91,7 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(param.to(export_dtype).to(param.dtype))
-        expected = _logits(model, prompts)
+        expected = prompt_logits(model, prompts)
     model = model.to(export_dtype)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -153,14 +153,6 @@ def _export_dtype_name(cfg: RunConfig, model: Any) -> str:
     return names.get(stored, "float32")
 
 
-def _logits(model: Any, prompts: list[Any]) -> list[Any]:
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in prompts]
-
-
 def _max_diff(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
@@ -214,7 +206,7 @@ def _verify(folder: Path, prompts: list[Any], expected: list[Any], reference: li
 
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     loaded.eval()
-    got = _logits(loaded, prompts)
+    got = prompt_logits(loaded, prompts)
     del loaded
     loaded_diff = _max_diff(got, expected)
     base_diff = _max_diff(got, reference)

@@ -394,6 +394,15 @@ def check_prompts(tokenizer: Any, chat_prompts: list[Any]) -> list[Any]:
     return [*chat_prompts, text]
 
 
+def prompt_logits(model: Any, prompts: list[Any]) -> list[Any]:
+    """The model's fp32 logits on each prompt (a tensor of token ids), on the CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in prompts]
+
+
 def compare_logits(reference: list[Any], got: list[Any], gguf_type: str) -> GgufCheck:
     diffs = [float((r - g).abs().max()) for r, g in zip(reference, got, strict=True)]
     same = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(reference, got, strict=True))
@@ -416,13 +425,11 @@ def load_gguf_model(path: Path) -> Any:
 
 def verify_gguf(path: Path, prompts: list[Any], reference: list[Any], gguf_type: str) -> GgufCheck:
     """Load the file with transformers and compare its logits with `reference`; raise if they miss."""
-    from tunesmith.export import _logits
-
     try:
         loaded = load_gguf_model(path)
     except Exception as err:  # transformers raises many kinds; any means the file is not usable
         raise GgufExportError(f"export_gguf: transformers cannot read back {path.name}: {err}") from err
-    got = _logits(loaded, prompts)
+    got = prompt_logits(loaded, prompts)
     del loaded
     check = compare_logits(reference, got, gguf_type)
     if not check.passed:
@@ -435,11 +442,9 @@ def export_gguf(model: Any, tokenizer: Any, gguf_type: str, folder: Path, chat_p
                 name: str, end_of_turn: list[int]) -> tuple[Path, GgufCheck]:
     """Write `folder/model-<type>.gguf` from the merged fp32 model and verify it against the model's
     own logits on the chat prompts and the test text."""
-    from tunesmith.export import _logits
-
     family_of(model.config)  # refuse early, before any work
     prompts = check_prompts(tokenizer, chat_prompts)
-    reference = _logits(model, prompts)
+    reference = prompt_logits(model, prompts)
     path = write_gguf(model, tokenizer, gguf_type, folder / gguf_file_name(gguf_type), name=name,
                       end_of_turn=end_of_turn)
     check = verify_gguf(path, prompts, reference, gguf_type)
@@ -447,6 +452,6 @@ def export_gguf(model: Any, tokenizer: Any, gguf_type: str, folder: Path, chat_p
     return path, check
 
 
-__all__ = ["FAMILIES", "GGUF_TEST_TEXT", "GGUF_TYPES", "GgufCheck", "GgufExportError", "compare_logits",
+__all__ = ["FAMILIES", "GGUF_TEST_TEXT", "GGUF_TYPES", "GgufCheck", "GgufExportError", "compare_logits", "prompt_logits",
            "export_gguf", "family_of", "gguf_file_name", "gguf_vocab", "load_gguf_model", "verify_gguf",
            "write_gguf"]
