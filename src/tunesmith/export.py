@@ -180,10 +180,9 @@ def run_export(cfg: RunConfig) -> Path:
     print(f"Exporting {source.description}", file=sys.stderr)
     # Merge in fp32: rounding happens once, when casting to the export dtype.
     model, tokenizer = load_source(source, dtype=torch.float32, device=device)
-    from tunesmith.template import render
+    from tunesmith.template import encode_segments
 
-    prompts = [tokenizer(render(c, tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
-               for c in VERIFY_CONVERSATIONS]
+    prompts = [torch.tensor([encode_segments(c, tokenizer).ids]) for c in VERIFY_CONVERSATIONS]
     reference = _logits(model, prompts)
     if source.adapters:
         model = model.merge_and_unload()
@@ -215,7 +214,8 @@ def run_export(cfg: RunConfig) -> Path:
         tokenizer.save_pretrained(staging)
         eos_ids, _ = end_of_turn_ids(tokenizer, cfg.model.template, model.generation_config.eos_token_id)
         _write_generation_config(model, tokenizer, eos_ids, staging)
-        (staging / "Modelfile").write_text(ollama_modelfile(tokenizer, cfg.model.template), encoding="utf-8")
+        modelfile = ollama_modelfile(tokenizer, cfg.model.template, cfg.generate.default_system)
+        (staging / "Modelfile").write_text(modelfile, encoding="utf-8")
         del model
         loaded_diff, base_diff = _verify(staging, prompts, expected, reference, tolerance, merge_diff)
         replace_folder(staging, export_dir)  # an earlier export is replaced only now, once verified
@@ -433,9 +433,10 @@ def _go_literal(text: str) -> str:
     return text
 
 
-def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
+def ollama_modelfile(tokenizer: Any, template_name: str | None, default_system: str | None = None) -> str:
     """An Ollama Modelfile for this folder: the chat template in Go-template form (plain
-    system/user/assistant chats) and the end-of-turn strings as stop parameters."""
+    system/user/assistant chats) and the end-of-turn strings as stop parameters. SYSTEM follows
+    `template.with_system`: `default_system` when set, else the template's own default."""
     _, multi = end_of_turn_ids(tokenizer, template_name)
     from tunesmith.template import stop_strings
 
@@ -462,8 +463,9 @@ def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
             + "{{ end }}"
         )
         lines.append(f'TEMPLATE """{body}"""')
-        if pieces.default_system is not None:
-            lines.append(f'SYSTEM """{pieces.default_system.replace(chr(34) * 3, "")}"""')
+        system = default_system or pieces.default_system
+        if system is not None:
+            lines.append(f'SYSTEM """{system.replace(chr(34) * 3, "")}"""')
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"
 

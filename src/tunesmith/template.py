@@ -128,7 +128,7 @@ _QWEN3 = r"""
 
 _LLAMA3 = r"""
 {%- for message in messages -%}
-  {%- if loop.first -%}{{- '<|begin_of_text|>' -}}{%- endif -%}
+  {%- if loop.first -%}{{- bos_token -}}{%- endif -%}
   {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
@@ -152,9 +152,9 @@ _LLAMA2 = r"""
     {%- else -%}
       {%- set text = message['content'] -%}
     {%- endif -%}
-    {{- '<s>[INST] ' + text | trim + ' [/INST]' -}}
+    {{- bos_token + '[INST] ' + text | trim + ' [/INST]' -}}
   {%- elif message['role'] == 'assistant' -%}
-    {{- ' ' + message['content'] | trim + ' </s>' -}}
+    {{- ' ' + message['content'] | trim + ' ' + eos_token -}}
   {%- endif -%}
 {%- endfor -%}
 """
@@ -167,7 +167,7 @@ _MISTRAL = r"""
   {%- set system_text = none -%}
   {%- set turns = messages -%}
 {%- endif -%}
-{{- '<s>' -}}
+{{- bos_token -}}
 {%- for message in turns -%}
   {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
     {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}
@@ -179,7 +179,7 @@ _MISTRAL = r"""
       {{- '[INST] ' + message['content'] + ' [/INST]' -}}
     {%- endif -%}
   {%- elif message['role'] == 'assistant' -%}
-    {{- message['content'] + '</s>' -}}
+    {{- message['content'] + eos_token -}}
   {%- else -%}
     {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') -}}
   {%- endif -%}
@@ -187,7 +187,7 @@ _MISTRAL = r"""
 """
 
 _GEMMA = r"""
-{{- '<bos>' -}}
+{{- bos_token -}}
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
   {%- set turns = messages[1:] -%}
@@ -495,6 +495,20 @@ def normalize_tools(messages: list[dict[str, Any]], tools: Any, support: ToolSup
     return out, tools
 
 
+# --- System prompt -------------------------------------------------------------------------
+
+def with_system(messages: list[dict[str, Any]], default_system: str | None) -> list[dict[str, Any]]:
+    """The one system-prompt rule of training, chat, the API and export.
+
+    A conversation's own system message (a system turn, or the dataset's system column) wins;
+    else `default_system`, when set, opens the conversation; else the template adds its own
+    default, if it has one (qwen's "You are Qwen..."), or none.
+    """
+    if default_system and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": default_system}, *messages]
+    return list(messages)
+
+
 # --- Rendering -----------------------------------------------------------------------------
 
 def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool = False,
@@ -523,7 +537,8 @@ def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_gen
 
 
 def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bool = False,
-                      mask_history: bool = False) -> tuple[str, list[tuple[int, int]]]:
+                      mask_history: bool = False, add_generation_prompt: bool = False
+                      ) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation and return (text, trained character spans).
 
     Each assistant turn i is trained from the end of `messages[:i]` rendered with a generation
@@ -536,20 +551,28 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
     trains the role tag that follows each answer, and the text gets the eos token after a
     final answer: the one place where it differs from `render`.
     """
-    text = render(conv, tokenizer)
+    text, spans, _ = answer_spans(conv, tokenizer, add_generation_prompt=add_generation_prompt)
+    if train_on_prompt:
+        return text, [(0, len(text))]
+    return text, spans[-1:] if mask_history else spans
+
+
+def answer_spans(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool = False
+                 ) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """(text, the character span of every assistant answer, the index of its message).
+
+    With `add_generation_prompt` the text is an inference prompt, and the spans are those of
+    the answers in its history: the same cut points training uses for that prefix.
+    """
+    if not isinstance(conv, Conversation):
+        conv = Conversation(list(conv))
+    text = render(conv, tokenizer, add_generation_prompt=add_generation_prompt)
     messages = conv.messages
     named = named_template_of(tokenizer)
     eos = getattr(tokenizer, "eos_token", None)
-    closes = named is not None and named.closed_by_next_turn
-    if train_on_prompt:
-        if closes and eos and messages and messages[-1].get("role") == "assistant":
-            text += eos
-        return text, [(0, len(text))]
-    assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if mask_history:
-        assistant_turns = assistant_turns[-1:]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     spans: list[tuple[int, int]] = []
-    for i in assistant_turns:
+    for i in turns:
         start_text = render(messages[:i], tokenizer, add_generation_prompt=True, tools=conv.tools) if i else ""
         end_text = render(messages[: i + 1], tokenizer, tools=conv.tools)
         if not (text.startswith(end_text) and end_text.startswith(start_text)):
@@ -562,13 +585,62 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
                 src = f"{conv.source[0]} row {conv.source[1]}: " if conv.source[0] else ""
                 raise UserError(f"{src}the chat template renders earlier turns differently once later turns "
                                 "are added, so the answer tokens cannot be located exactly.",
-                                hint="use mask_history: true, or a named template (see `tunesmith data templates`).")
+                                hint="use a named template (see `tunesmith data templates`), whose every "
+                                     "prompt is a prefix of the conversation that answers it.")
         else:
             end = len(end_text)
         spans.append((len(start_text), end))
-    if closes:
+    if named is not None and named.closed_by_next_turn:
         text, spans = _close_answers(text, spans, named.stop, eos)
-    return text, spans
+    return text, spans, turns
+
+
+@dataclass
+class Segmented:
+    """A conversation tokenized piece by piece: each prompt part and each answer apart.
+
+    pieces: (first token, end token, message index of the answer or None for a prompt part,
+    first character, end character), in order; ids is their concatenation.
+    """
+
+    text: str
+    ids: list[int]
+    pieces: list[tuple[int, int, int | None, int, int]]
+
+    def answers(self) -> list[tuple[int, int, int]]:
+        """(first token, end token, message index) of every answer."""
+        return [(a, b, turn) for a, b, turn, _, _ in self.pieces if turn is not None]
+
+
+def encode_segments(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *,
+                    add_generation_prompt: bool = False) -> Segmented:
+    """The token ids of a conversation, as training learns it and inference feeds it.
+
+    The rendered text is cut at the start and end of every answer, and each piece is tokenized
+    alone. So the ids before an answer are exactly those of its prompt tokenized for
+    generation (this function with `add_generation_prompt`), and every character of the answer
+    and its end-of-turn marker lies in the answer's own tokens, even where tokenizing the whole
+    text at once would merge the prompt's last characters with the answer's first. Training,
+    chat, the API and export's checks all encode through here.
+    """
+    text, spans, turns = answer_spans(conv, tokenizer, add_generation_prompt=add_generation_prompt)
+    cuts: list[tuple[int, int, int | None]] = []
+    position = 0
+    for (start, end), turn in zip(spans, turns, strict=True):
+        if start > position:
+            cuts.append((position, start, None))
+        cuts.append((start, end, turn))
+        position = end
+    if position < len(text):
+        cuts.append((position, len(text), None))
+    pieces: list[tuple[int, int, int | None, int, int]] = []
+    ids: list[int] = []
+    if cuts:
+        encoded = tokenizer([text[a:b] for a, b, _ in cuts], add_special_tokens=False)["input_ids"]
+        for (a, b, turn), piece_ids in zip(cuts, encoded, strict=True):
+            pieces.append((len(ids), len(ids) + len(piece_ids), turn, a, b))
+            ids.extend(piece_ids)
+    return Segmented(text, ids, pieces)
 
 
 def _close_answers(text: str, spans: list[tuple[int, int]], closers: tuple[str, ...], eos: str | None
