@@ -330,7 +330,6 @@ def _names(value: str | None) -> list[str]:
 
 def _load_conversations(names: list[str], cfg: RunConfig) -> list[Conversation]:
     from tunesmith.data.formats import load_conversations
-
     from tunesmith.template import with_system
 
     d = cfg.data
