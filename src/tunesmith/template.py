@@ -101,7 +101,7 @@ _QWEN = r"""
     {{- '<|im_end|>\n' -}}
 """ + _QWEN_TOOL_RESULT
 
-_QWEN3 = r"""
+_QWEN3_NOTHINK = r"""
 {%- if tools -%}
   {{- '<|im_start|>system\n' -}}
   {%- if messages and messages[0].role == 'system' -%}{{- messages[0].content + '\n\n' -}}{%- endif -%}
@@ -125,6 +125,64 @@ _QWEN3 = r"""
     {%- endfor -%}
     {{- '<|im_end|>\n' -}}
 """ + _QWEN_TOOL_RESULT
+
+# Qwen3's hybrid thinking format. Every answer carries its <think> block (empty for an answer
+# without reasoning), so each prompt is a prefix of the conversation that answers it. (The
+# official template drops the blocks of answers before the last user turn, so a prompt would
+# not be what training saw.) With enable_thinking false the empty block ends the prompt instead,
+# as in the official template, and the answer is trained without reasoning.
+_QWEN3_ASSISTANT = r"""
+  {%- elif message.role == 'assistant' -%}
+    {%- set content = message.content or '' -%}
+    {%- set reasoning = '' -%}
+    {%- if message.reasoning_content is string -%}
+      {%- set reasoning = message.reasoning_content -%}
+    {%- elif '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+    {%- endif -%}
+    {%- if enable_thinking is defined and enable_thinking is false -%}{%- set reasoning = '' -%}{%- endif -%}
+    {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') -}}
+    {%- for call in message.tool_calls or [] -%}
+      {%- if not loop.first or content -%}{{- '\n' -}}{%- endif -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' -}}
+      {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+"""
+_QWEN3 = _QWEN3_NOTHINK.split("  {%- elif message.role == 'assistant' -%}")[0] + _QWEN3_ASSISTANT + \
+    _QWEN_TOOL_RESULT.replace(
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+        "{%- endif -%}{%- endif -%}")
+
+_DEEPSEEK3 = r"""
+{%- set ns = namespace(system='') -%}
+{%- for message in messages if message['role'] == 'system' -%}
+  {%- set ns.system = ns.system + ('\n\n' if not loop.first else '') + message['content'] -%}
+{%- endfor -%}
+{{- bos_token + ns.system -}}
+{%- for message in messages -%}
+  {%- if message['role'] == 'user' -%}
+    {{- '<｜User｜>' + message['content'] -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}
+"""
+
+_PHI4 = r"""
+{%- for message in messages -%}
+  {%- if message['role'] in ('system', 'user', 'assistant') -%}
+    {{- '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}
+"""
 
 _LLAMA3 = r"""
 {%- for message in messages -%}
@@ -306,8 +364,12 @@ TEMPLATES: dict[str, NamedTemplate] = {
                           "Qwen2.5: ChatML with the default system 'You are Qwen, created by Alibaba Cloud...'; "
                           "tools in <tools>, calls in <tool_call>."),
     "qwen3": NamedTemplate(_QWEN3, ("<|im_end|>",),
-                           "Qwen3 (Instruct-2507 format): ChatML, no default system, answers without <think> blocks; "
-                           "tools as in qwen."),
+                           "Qwen3 hybrid thinking: ChatML, no default system; each answer opens with "
+                           "<think>\\n{reasoning_content}\\n</think>\\n\\n (empty without reasoning); "
+                           "enable_thinking: false ends the prompt with the empty block instead; tools as in qwen."),
+    "qwen3_nothink": NamedTemplate(_QWEN3_NOTHINK, ("<|im_end|>",),
+                                   "Qwen3 Instruct-2507 (non-thinking models): ChatML, no default system, answers "
+                                   "without <think> blocks; tools as in qwen. For hybrid Qwen3 models use qwen3."),
     "llama3": NamedTemplate(_LLAMA3, ("<|eot_id|>",),
                             "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed."),
     "llama2": NamedTemplate(_LLAMA2, ("</s>",),
@@ -321,6 +383,12 @@ TEMPLATES: dict[str, NamedTemplate] = {
     "glm4": NamedTemplate(_GLM4, ("<|user|>", "<|observation|>"),
                           "GLM-4 chat: [gMASK]<sop><|system|>/<|user|>/<|assistant|>/<|observation|>; an answer is "
                           "closed by the next role tag (or eos).", closed_by_next_turn=True),
+    "deepseek3": NamedTemplate(_DEEPSEEK3, ("<｜end▁of▁sentence｜>",),
+                               "DeepSeek-V3 / R1: bos, the system text, then <｜User｜>... <｜Assistant｜>answer"
+                               "<｜end▁of▁sentence｜>; R1 answers train as written (with their <think> text)."),
+    "gemma3": NamedTemplate("{#- Gemma 3 -#}" + _GEMMA, ("<end_of_turn>",),
+                            "Gemma 3: as gemma (a system message opens the first user turn, contents trimmed)."),
+    "phi4": NamedTemplate(_PHI4, ("<|im_end|>",), "Phi-4: <|im_start|>role<|im_sep|> ... <|im_end|>, no newlines."),
     "phi3": NamedTemplate(_PHI3, ("<|end|>",), "Phi-3 / Phi-3.5: <|role|>\\n ... <|end|>\\n."),
     "alpaca": NamedTemplate(_ALPACA, (), "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
     "vicuna": NamedTemplate(_VICUNA, (), "Vicuna v1.1: system USER: ... ASSISTANT: answer</s>."),
@@ -333,27 +401,41 @@ def template_names() -> list[str]:
     return sorted(TEMPLATES)
 
 
-def apply_template(tokenizer: Any, name: str | None) -> str:
+# Put before a template when enable_thinking is false, so that every use of the saved tokenizer
+# (training, chat, the API, an exported folder served elsewhere) renders prompts without thinking.
+NO_THINKING = "{%- set enable_thinking = false -%}\n"
+
+
+def apply_template(tokenizer: Any, name: str | None, *, enable_thinking: bool = True) -> str:
     """Set tokenizer.chat_template to the template training will use, and return its name.
 
     None / 'auto' keeps the tokenizer's own; a tokenizer without one needs a named template.
-    The template is stored on the tokenizer so every saved tokenizer carries it.
+    The template is stored on the tokenizer so every saved tokenizer carries it, with
+    enable_thinking: false fixed in it (templates that know the variable, as Qwen3's, then
+    put an empty think block in the prompt and train answers without reasoning).
     """
     if name in (None, "", "auto"):
-        if not getattr(tokenizer, "chat_template", None):
+        source = getattr(tokenizer, "chat_template", None)
+        if not source:
             raise UserError("this model's tokenizer has no chat template; set 'template' to one of: "
                             + ", ".join(template_names()))
+        if not isinstance(source, str):
+            return "auto"
+        source = source.removeprefix(NO_THINKING)
+        tokenizer.chat_template = source if enable_thinking else NO_THINKING + source
         return "auto"
     if name not in TEMPLATES:
         raise UserError(f"unknown template '{name}'{did_you_mean(name, template_names())}; "
                         f"known templates: {', '.join(template_names())}.")
-    tokenizer.chat_template = TEMPLATES[name].jinja
+    tokenizer.chat_template = TEMPLATES[name].jinja if enable_thinking else NO_THINKING + TEMPLATES[name].jinja
     return name
 
 
 def named_template_of(tokenizer: Any) -> NamedTemplate | None:
     """The named template the tokenizer currently carries, if it is one of TEMPLATES."""
     source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, str):
+        source = source.removeprefix(NO_THINKING)
     return next((t for t in TEMPLATES.values() if t.jinja == source), None)
 
 
