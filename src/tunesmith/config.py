@@ -381,7 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     return cfg
 
 
-# key -> (lowest, highest, lowest allowed itself, highest allowed itself, what it means); None = no bound.
+# key -> (lowest, highest, whether lowest itself is allowed, whether highest is); None = no bound.
 # Optional keys are checked only when set. Every float is also finite (checked when read).
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "cutoff_len": (1, None, True, True), "max_samples": (1, None, True, True), "val_size": (0, None, True, True),
@@ -402,8 +402,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 
 def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
     if high is None:
-        return "positive" if low == 0 and not low_in else f"{'at least' if low_in else 'greater than'} {low:g}"
-    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        return "positive" if low == 0 and not low_in else f"{'at least' if low_in else 'greater than'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
 
 
 def _validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
