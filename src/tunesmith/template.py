@@ -184,10 +184,36 @@ _PHI4 = r"""
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}
 """
 
+# Llama 3 chats; with tools, Llama 3.1's JSON tool calling: the schemas and their instructions
+# open the first user turn, a call is {"name": ..., "parameters": ...} (one per line when there
+# are several; Llama 3.1's own template refuses more than one), results come as `ipython` turns.
 _LLAMA3 = r"""
+{%- set ns = namespace(tools_pending=(tools is defined and tools is not none and tools | length > 0)) -%}
 {%- for message in messages -%}
   {%- if loop.first -%}{{- bos_token -}}{%- endif -%}
-  {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+  {%- if message['role'] == 'user' and ns.tools_pending -%}
+    {%- set ns.tools_pending = false -%}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- 'Given the following functions, please respond with a JSON for a function call ' -}}
+    {{- 'with its proper arguments that best answers the given prompt.\n\n' -}}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' -}}
+    {{- 'Do not use variables.\n\n' -}}
+    {%- for tool in tools -%}{{- tool | tojson(indent=4) + '\n\n' -}}{%- endfor -%}
+    {{- message['content'] | trim + '<|eot_id|>' -}}
+  {%- elif message['role'] == 'assistant' and message.tool_calls -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+    {%- if message['content'] -%}{{- message['content'] | trim + '\n' -}}{%- endif -%}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {%- if not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '{"name": "' + fn.name + '", "parameters": ' + fn.arguments | tojson + '}' -}}
+    {%- endfor -%}
+    {{- '<|eot_id|>' -}}
+  {%- elif message['role'] in ('tool', 'ipython') -%}
+    {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' -}}
+  {%- else -%}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+  {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
 """
@@ -217,6 +243,10 @@ _LLAMA2 = r"""
 {%- endfor -%}
 """
 
+# Mistral Instruct chats; with tools, Mistral v0.3's tool calling: [AVAILABLE_TOOLS] before the
+# first instruction (v0.3's own template moves it to the last one, so earlier prompts would not
+# be prefixes of later ones), calls as [TOOL_CALLS] [{"name": ..., "arguments": ...}] and
+# results as [TOOL_RESULTS] {"content": ...}[/TOOL_RESULTS]. Call ids are optional.
 _MISTRAL = r"""
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set system_text = messages[0]['content'] -%}
@@ -225,21 +255,43 @@ _MISTRAL = r"""
   {%- set system_text = none -%}
   {%- set turns = messages -%}
 {%- endif -%}
-{{- bos_token -}}
-{%- for message in turns -%}
-  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{%- set ns = namespace(index=0) -%}
+{%- for message in turns if not (message['role'] == 'tool' or message.tool_calls) -%}
+  {%- if (message['role'] == 'user') != (ns.index % 2 == 0) -%}
     {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}
   {%- endif -%}
+  {%- set ns.index = ns.index + 1 -%}
+{%- endfor -%}
+{{- bos_token -}}
+{%- if tools is defined and tools -%}
+  {{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' -}}
+{%- endif -%}
+{%- for message in turns -%}
   {%- if message['role'] == 'user' -%}
     {%- if loop.first and system_text is not none -%}
       {{- '[INST] ' + system_text + '\n\n' + message['content'] + ' [/INST]' -}}
     {%- else -%}
       {{- '[INST] ' + message['content'] + ' [/INST]' -}}
     {%- endif -%}
+  {%- elif message['role'] == 'assistant' and message.tool_calls -%}
+    {{- message['content'] + '[TOOL_CALLS] [' -}}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '{"name": "' + fn.name + '", "arguments": ' + fn.arguments | tojson -}}
+      {%- if call.id is defined and call.id -%}{{- ', "id": "' + call.id + '"' -}}{%- endif -%}
+      {{- '}' + (', ' if not loop.last else ']') -}}
+    {%- endfor -%}
+    {{- eos_token -}}
   {%- elif message['role'] == 'assistant' -%}
     {{- message['content'] + eos_token -}}
+  {%- elif message['role'] == 'tool' -%}
+    {{- '[TOOL_RESULTS] {"content": ' + message['content'] -}}
+    {%- if message.tool_call_id is defined and message.tool_call_id -%}
+      {{- ', "call_id": "' + message.tool_call_id + '"' -}}
+    {%- endif -%}
+    {{- '}[/TOOL_RESULTS]' -}}
   {%- else -%}
-    {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') -}}
+    {{- raise_exception('Only user, assistant and tool roles are supported, with the exception of an initial optional system message!') -}}
   {%- endif -%}
 {%- endfor -%}
 """
@@ -358,6 +410,8 @@ _EMPTY = r"""
 {%- endfor -%}
 """
 
+EOS = "{eos_token}"  # in NamedTemplate.stop: the tokenizer's eos token, whatever its text
+
 TEMPLATES: dict[str, NamedTemplate] = {
     "chatml": NamedTemplate(_CHATML, ("<|im_end|>",), "ChatML: <|im_start|>role ... <|im_end|>; no default system."),
     "qwen": NamedTemplate(_QWEN, ("<|im_end|>",),
@@ -371,12 +425,14 @@ TEMPLATES: dict[str, NamedTemplate] = {
                                    "Qwen3 Instruct-2507 (non-thinking models): ChatML, no default system, answers "
                                    "without <think> blocks; tools as in qwen. For hybrid Qwen3 models use qwen3."),
     "llama3": NamedTemplate(_LLAMA3, ("<|eot_id|>",),
-                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed."),
-    "llama2": NamedTemplate(_LLAMA2, ("</s>",),
+                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed; "
+                            "tools as Llama 3.1 JSON calls ({\"name\", \"parameters\"}, results as ipython)."),
+    "llama2": NamedTemplate(_LLAMA2, (EOS,),
                             "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; roles must alternate."),
-    "mistral": NamedTemplate(_MISTRAL, ("</s>",),
-                             "Mistral Instruct v0.1/v0.2: <s>[INST] ... [/INST]answer</s>; a system message joins the "
-                             "first instruction; roles must alternate."),
+    "mistral": NamedTemplate(_MISTRAL, (EOS,),
+                             "Mistral Instruct: <s>[INST] ... [/INST]answer</s>; a system message joins the "
+                             "first instruction; roles must alternate; tools as Mistral v0.3 ([AVAILABLE_TOOLS], "
+                             "[TOOL_CALLS], [TOOL_RESULTS])."),
     "gemma": NamedTemplate(_GEMMA, ("<end_of_turn>",),
                            "Gemma: <bos><start_of_turn>user/model ... <end_of_turn>; a system message joins the first "
                            "user turn (as Gemma 3 does); roles must alternate."),
@@ -782,7 +838,8 @@ def stop_strings(tokenizer: Any, name: str | None) -> list[str]:
     """
     named = TEMPLATES.get(name) if name else named_template_of(tokenizer)
     if named is not None and named.stop:
-        return list(named.stop)
+        eos = getattr(tokenizer, "eos_token", None)
+        return [eos if stop == EOS else stop for stop in named.stop if stop != EOS or eos]
     mark = "\x00"
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
     try:
