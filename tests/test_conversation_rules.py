@@ -35,7 +35,7 @@ def test_default_system_shows_in_the_dump_and_the_chat_prompt_alike(alpaca_dir, 
                              "dataset_dir": str(alpaca_dir), "default_system": PIRATE})
     engine = ChatEngine(cfg)
     out = tmp_path / "dump.jsonl"
-    dump(cfg, out, tokenizer=engine.tokenizer)
+    dump(cfg, engine.tokenizer, out)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == len(ROWS)
     for line, row in zip(lines, ROWS, strict=True):
@@ -47,7 +47,7 @@ def test_default_system_shows_in_the_dump_and_the_chat_prompt_alike(alpaca_dir, 
     # Without default_system both fall back to the template's own default system prompt.
     plain = load_config(None, {"model_name_or_path": str(tiny_model_dir), "dataset": "quotes",
                                "dataset_dir": str(alpaca_dir)})
-    dump(plain, out, tokenizer=engine.tokenizer)
+    dump(plain, engine.tokenizer, out)
     first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert PIRATE not in engine.tokenizer.decode(first["input_ids"])
     # The dataset's own system prompt wins over default_system.
@@ -60,8 +60,8 @@ def test_preview_marks_a_boundary_the_whole_text_would_merge(alpaca_dir, tokeniz
     tok = copy.deepcopy(tokenizer)
     apply_template(tok, "default")
     out = io.StringIO()
-    preview(load_config(None, {"dataset": "quotes", "dataset_dir": str(alpaca_dir)}), n=2, color=False,
-            tokenizer=tok, file=out)
+    preview(load_config(None, {"dataset": "quotes", "dataset_dir": str(alpaca_dir)}), tok, n=2, color=False,
+            file=out)
     text = out.getvalue()
     # Row 0: `Assistant:"` is one token of the whole text; the answer's quote is trained on its own.
     assert f'Assistant:{MERGE_MARK}[["To be, or not to be.' in text
