@@ -20,7 +20,7 @@ from tunesmith.errors import UserError
 from tunesmith.export_gguf import export_gguf, prompt_logits
 from tunesmith.files import replace_folder
 from tunesmith.loading import ModelSource, load, source_for
-from tunesmith.template import end_of_turn_ids, render, stop_strings
+from tunesmith.template import encode_segments, end_of_turn_ids, render, stop_strings
 
 # Prompts the exported model is checked on: short, multi-turn, with and without a system turn.
 VERIFY_CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -57,8 +57,7 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
     print(f"Exporting {source.description}", file=sys.stderr)
     # Merge in fp32: rounding happens once, when casting to the export dtype.
     model, tokenizer = load(source, dtype=torch.float32, device=device)
-    prompts = [tokenizer(render(c, tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
-               for c in VERIFY_CONVERSATIONS]
+    prompts = [torch.tensor([encode_segments(c, tokenizer).ids]) for c in VERIFY_CONVERSATIONS]
     reference = prompt_logits(model, prompts)
     if source.adapters:
         model = model.merge_and_unload()
@@ -105,9 +104,9 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         gguf_files = [f.name for f in gguf_dir.iterdir()] if gguf_dir else []
         for name in gguf_files:
             shutil.move(gguf_dir / name, staging / name)
-        (staging / "Modelfile").write_text(
-            ollama_modelfile(tokenizer, cfg.model.template, weights=f"./{gguf_files[0]}" if gguf_files else "."),
-            encoding="utf-8")
+        modelfile = ollama_modelfile(tokenizer, cfg.model.template, cfg.generate.default_system,
+                                     weights=f"./{gguf_files[0]}" if gguf_files else ".")
+        (staging / "Modelfile").write_text(modelfile, encoding="utf-8")
         del model
         loaded_diff, base_diff = _verify(staging, prompts, expected, reference, tolerance, merge_diff)
         replace_folder(staging, export_dir)  # an earlier export is replaced only now, once verified
@@ -317,10 +316,12 @@ def _go_literal(text: str) -> str:
     return text
 
 
-def ollama_modelfile(tokenizer: Any, template_name: str | None, weights: str = ".") -> str:
+def ollama_modelfile(tokenizer: Any, template_name: str | None, default_system: str | None = None,
+                     weights: str = ".") -> str:
     """An Ollama Modelfile for this folder: the chat template in Go-template form (plain
-    system/user/assistant chats) and the end-of-turn strings as stop parameters. `weights` is what
-    FROM names: the folder itself (safetensors), or the GGUF file in it."""
+    system/user/assistant chats) and the end-of-turn strings as stop parameters. SYSTEM follows
+    `template.with_system`: `default_system` when set, else the template's own default. `weights`
+    is what FROM names: the folder itself (safetensors), or the GGUF file in it."""
     _, multi = end_of_turn_ids(tokenizer, template_name)
     stops = list(dict.fromkeys([*stop_strings(tokenizer, template_name), *multi]))
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
@@ -345,8 +346,9 @@ def ollama_modelfile(tokenizer: Any, template_name: str | None, weights: str = "
             + "{{ end }}"
         )
         lines.append(f'TEMPLATE """{body}"""')
-        if pieces.default_system is not None:
-            lines.append(f'SYSTEM """{pieces.default_system.replace(chr(34) * 3, "")}"""')
+        system = default_system or pieces.default_system
+        if system is not None:
+            lines.append(f'SYSTEM """{system.replace(chr(34) * 3, "")}"""')
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,7 @@ from tunesmith.config import RunConfig
 from tunesmith.env import bf16_supported
 from tunesmith.errors import UserError
 from tunesmith.loading import ModelSource, load, source_for
-from tunesmith.template import end_of_turn_ids, render, stop_strings
+from tunesmith.template import encode_segments, end_of_turn_ids, stop_strings, with_system
 
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample")
 # Below this temperature sampling is greedy decoding: dividing logits by a tinier value overflows them.
@@ -117,14 +117,11 @@ class ChatEngine:
     # -- prompts ---------------------------------------------------------------------------
 
     def _with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.default_system and not (messages and messages[0].get("role") == "system"):
-            return [{"role": "system", "content": self.default_system}, *messages]
-        return list(messages)
+        return with_system(messages, self.default_system)
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the conversation rendered by the training template, ready for the answer."""
-        text = render(self._with_system(messages), self.tokenizer, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_segments(self._with_system(messages), self.tokenizer, add_generation_prompt=True).ids
 
     def fit(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """Drop the oldest turns (never the system prompt or the last user message) until the
