@@ -33,8 +33,8 @@ def losses(output_dir: Path) -> list[float]:
 
 
 @pytest.fixture()
-def data_dir(tmp_path, shared_data) -> Path:
-    return identity_dataset(tmp_path / "data", shared_data)
+def data_dir(tmp_path, repo_data) -> Path:
+    return identity_dataset(tmp_path / "data", repo_data)
 
 
 def train(overrides: dict):
