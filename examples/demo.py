@@ -1,7 +1,7 @@
-"""`make demo`: the default model before and after a short LoRA fine-tune on the shared identity data.
+"""`make demo`: the default model before and after a short LoRA fine-tune on the repository's identity data.
 
-Steps: provision the default model, ask it "Who are you?", fill the placeholders of the shared
-identity.json into a copy, train with `tunesmith train` (the same command users run), ask again.
+Steps: provision the default model, ask it "Who are you?", fill the placeholders of data/identity.json
+into a copy, train with `tunesmith train` (the same command users run), ask again.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "demo_identity_lora.yaml"
-SHARED = REPO.parent / "shared" / "data" / "identity.json"
+IDENTITY = REPO / "data" / "identity.json"
 QUESTION = "Who are you?"
 EXPORT = "exports/tunesmith-identity"  # the path the README's snippet loads
 
 
 def prepare_data(data_dir: Path) -> None:
-    """A copy of identity.json with the name and author filled in (the shared file is not touched)."""
-    rows = json.loads(SHARED.read_text(encoding="utf-8"))
+    """A copy of identity.json with the name and author filled in (data/identity.json is not touched)."""
+    rows = json.loads(IDENTITY.read_text(encoding="utf-8"))
     for row in rows:
         row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
     data_dir.mkdir(parents=True, exist_ok=True)
