@@ -352,7 +352,7 @@ def test_concat_rows_fit_and_hold_every_sample_once(trial):
 
 
 def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, repo_data, capsys):
-    data = json.loads((repo_data / "identity.json").read_text(encoding="utf-8"))[:12]
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:12]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=192, max_steps=2, shuffle=False)
 
     clean = run("clean", packing=True)
