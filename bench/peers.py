@@ -165,7 +165,8 @@ def workload_flops_per_token(model_dir: str, data_dir: Path, rows: int, cutoff: 
 
     from tunesmith.config import load_config
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import apply_finetuning, load_tokenizer
+    from tunesmith.model.finetune import apply_finetuning
+    from tunesmith.model.load import load_tokenizer
     from tunesmith.train.flops import flop_counts
 
     cfg = load_config(None, {"model_name_or_path": model_dir, "dataset": "alpaca_bench", "dataset_dir": str(data_dir),
@@ -431,7 +432,7 @@ def machine_note() -> str:
 
 
 def cpu_main(args: argparse.Namespace) -> None:
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     model_dir = str(provision_default_model())
     data_dir = OUT / "data"
@@ -484,7 +485,7 @@ def gpu_main(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu: torch sees no CUDA device here")

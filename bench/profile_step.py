@@ -55,13 +55,9 @@ def main() -> None:
     from tunesmith.config import load_config
     from tunesmith.data.batching import Sample, collate, pad_varlen, plan_micro_batches
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import (
-        apply_finetuning,
-        flush_denormals,
-        load_model,
-        load_tokenizer,
-        set_adapter_input_casting,
-    )
+    from tunesmith.env import flush_denormals
+    from tunesmith.model.finetune import apply_finetuning, set_adapter_input_casting
+    from tunesmith.model.load import load_model, load_tokenizer
     from tunesmith.train.attention import choose_layout
     from tunesmith.train.kernels import cpu_row_multiple, set_training_forwards
     from tunesmith.train.loss import token_loss

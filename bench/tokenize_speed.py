@@ -26,14 +26,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="preprocessing_num_workers (default: automatic)")
     args = parser.parse_args()
 
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     model_dir = provision_default_model()  # before TUNESMITH_CACHE moves, so the model is found
     os.environ["TUNESMITH_CACHE"] = tempfile.mkdtemp(prefix="tunesmith-bench-")
 
     from tunesmith.config import load_config
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import load_tokenizer
+    from tunesmith.model.load import load_tokenizer
 
     overrides = {"model_name_or_path": str(model_dir), "dataset": args.dataset, "dataset_dir": args.data,
                  "cutoff_len": 2048}

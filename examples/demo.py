@@ -39,7 +39,7 @@ def ask(overrides: list[str]) -> str:
 
 def main() -> int:
     t0 = time.time()
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     print(f"default model: {provision_default_model()}")
     print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(['output_dir=saves/demo/none'])}\n", flush=True)

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     return provision_default_model()
 
@@ -59,14 +59,17 @@ def repo_data() -> Path:
 
 
 def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:
-    """A LoRA run's output_dir on a tiny base: adapter with random lora_B (so it changes the
-    logits), the tokenizer carrying the chat template, and config.yaml naming the base."""
+    """A finished LoRA run's output_dir on a tiny base: adapter with random lora_B (so it changes
+    the logits), the tokenizer carrying the chat template, and config.yaml naming the base."""
     import torch
     import yaml
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunesmith.run_folder import write_final_outputs
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)  # lora_A's initialisation: the same adapter whatever ran before
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
@@ -74,13 +77,18 @@ def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
     (folder / "config.yaml").write_text(yaml.safe_dump({"model_name_or_path": str(base_dir),
                                                         "finetuning_type": "lora", "output_dir": str(folder)}))
+
+    def write(staging: Path) -> None:
+        peft_model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(staging)
+
+    write_final_outputs(folder, write)  # as a finished run leaves it
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_lora_run(tmp_path_factory, tiny_model_dir) -> Path:
-    return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir)
+    # seed 3: its greedy first reply token has no leading space (test_infer builds a stop marker of it)
+    return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir, seed=3)

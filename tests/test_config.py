@@ -28,11 +28,13 @@ def test_llamafactory_examples_parse_with_only_model_and_template_changed(tmp_pa
     flat = cfg.to_flat()
     for key, value in original.items():
         if key in flat and value is not None:
+            if isinstance(flat[key], list):  # list-valued keys: `a,b` in the YAML is the list [a, b]
+                value = [part.strip() for part in str(value).split(",")]
             assert flat[key] == value or str(flat[key]) == str(value), key
     if name == "lora_sft":
         assert cfg.finetune.finetuning_type == "lora" and cfg.finetune.lora_alpha == 16
         assert cfg.train.learning_rate == 1e-4 and cfg.train.num_train_epochs == 3.0
-        assert cfg.data.dataset == "identity,alpaca_en_demo"
+        assert cfg.data.dataset == ["identity", "alpaca_en_demo"]
         assert cfg.train.resume_from_checkpoint is None
 
 
@@ -42,7 +44,19 @@ def test_overrides_win_and_are_typed(tmp_path):
                              "dataset=a,b"])
     assert cfg.train.learning_rate == 1e-5 and isinstance(cfg.train.learning_rate, float)
     assert cfg.train.bf16 is True and cfg.train.max_steps == 20
-    assert cfg.finetune.lora_target == "q_proj,v_proj" and cfg.data.dataset == "a,b"
+    assert cfg.finetune.lora_target == ["q_proj", "v_proj"] and cfg.data.dataset == ["a", "b"]
+
+
+def test_list_keys_take_yaml_lists_and_comma_strings_alike(tmp_path):
+    listed = load_config(write(tmp_path, "dataset: [a, b]\nlora_target:\n  - q_proj\n  - v_proj\n"))
+    joined = load_config(None, {"dataset": "a, b", "lora_target": "q_proj,v_proj"})
+    assert listed.data.dataset == joined.data.dataset == ["a", "b"]
+    assert listed.finetune.lora_target == joined.finetune.lora_target == ["q_proj", "v_proj"]
+    assert load_config(None, {}).train.report_to == ["none"]
+    with pytest.raises(UserError, match="'dataset' must be a list of names"):
+        load_config(None, {"dataset": {"a": 1}})
+    with pytest.raises(UserError, match="'report_to' is 'wandbb'; allowed: none, tensorboard, all"):
+        load_config(None, {"report_to": "tensorboard,wandbb"})
 
 
 def test_strings_like_1e_minus_5_are_floats(tmp_path):
@@ -89,7 +103,6 @@ def test_bad_choice_lists_allowed_values():
     ("quantization_bit: 4", "'quantization_bit' (quantized (QLoRA) training) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
     ("use_dora: true", "DoRA"),
-    ("report_to: wandb", "not supported yet"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:

@@ -99,7 +99,7 @@ def test_plain_transformers_gives_base_plus_adapter_logits(exported, tiny_model_
 def test_exported_tokenizer_renders_what_training_rendered(exported, tiny_lora_run):
     from transformers import AutoTokenizer
 
-    from tunesmith.model import load_tokenizer
+    from tunesmith.model.load import load_tokenizer
     from tunesmith.template import render
 
     cfg = load_config(None, {"model_name_or_path": str(tiny_lora_run)})
@@ -189,8 +189,11 @@ def test_full_run_output_is_resharded_and_copied(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from tunesmith.export import run_export
+    from tunesmith.run_folder import write_final_outputs
 
-    run = shutil.copytree(tiny_model_dir, tmp_path / "full-run")
+    run = tmp_path / "full-run"
+    run.mkdir()
+    write_final_outputs(run, lambda staging: shutil.copytree(tiny_model_dir, staging, dirs_exist_ok=True))
     cfg = load_config(None, {"output_dir": str(run), "finetuning_type": "full",
                              "export_dir": str(tmp_path / "exp"), "export_size": SHARD_GB})
     out = run_export(cfg)
@@ -245,7 +248,9 @@ def test_comma_separated_adapters_are_all_merged(tmp_path, tiny_model_dir, tiny_
     from tunesmith.export import run_export
     from tunesmith.infer import ChatEngine
 
-    second = build_tiny_lora_run(tmp_path / "second", tiny_model_dir, seed=7)
+    second = tmp_path / "second"
+    second.mkdir()
+    build_tiny_lora_run(second, tiny_model_dir, seed=7)
     keys = {"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": f"{tiny_lora_run},{second}"}
     engine = ChatEngine(load_config(None, keys))
     assert engine.description == f"adapter {tiny_lora_run}, {second} on base model {tiny_model_dir}"

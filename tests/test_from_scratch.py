@@ -143,7 +143,8 @@ def test_labels_equal_the_engine_dump(sfs, tokenizer, default_model_dir, tmp_pat
 
 def engine_lora_model(folder: Path, rank: int, alpha: int):
     from tunesmith.config import load_config
-    from tunesmith.model import apply_finetuning, load_model
+    from tunesmith.model.finetune import apply_finetuning
+    from tunesmith.model.load import load_model
 
     cfg = load_config(overrides={"model_name_or_path": str(folder), "finetuning_type": "lora", "lora_target": "all",
                                  "lora_rank": rank, "lora_alpha": alpha, "lora_dropout": 0.0})

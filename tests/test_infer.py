@@ -41,11 +41,11 @@ def engine(run_cfg):
 def test_training_yaml_chats_with_the_runs_adapter(engine, tiny_model_dir, tiny_lora_run):
     from tunesmith.infer import ChatEngine
 
-    assert engine.source.adapters == str(tiny_lora_run)
+    assert engine.source.adapters == (str(tiny_lora_run),)
     assert f"trained adapter in output_dir {tiny_lora_run}" in engine.description
     messages = [{"role": "user", "content": "Hello"}]
     base = ChatEngine(load_config(None, {"model_name_or_path": str(tiny_model_dir), **GREEDY}))
-    assert base.source.adapters is None and "base model" in base.description
+    assert base.source.adapters == () and "base model" in base.description
     assert engine.chat(messages) != base.chat(messages)  # the adapter changes the answer
 
 
@@ -90,7 +90,7 @@ def test_generation_stops_at_the_templates_end_of_turn(tmp_path, engine, tiny_mo
     with torch.no_grad():
         first = int(engine.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
     marker = engine.tokenizer.decode([first]).strip()
-    assert marker.isalpha()
+    assert marker and not set(marker) & set("'\\{}%#")  # it goes into the template as a plain string
 
     run = shutil.copytree(tiny_lora_run, tmp_path / "run")
     tok = AutoTokenizer.from_pretrained(run)
@@ -99,8 +99,8 @@ def test_generation_stops_at_the_templates_end_of_turn(tmp_path, engine, tiny_mo
         "message['content'] + (('" + marker + "') if message['role'] == 'assistant' else '<|im_end|>')")
     assert marker in tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
     tok.save_pretrained(run)
-    stopping = ChatEngine(load_config(None, {"model_name_or_path": str(tiny_model_dir), "output_dir": str(run),
-                                             **GREEDY}))
+    stopping = ChatEngine(load_config(None, {"model_name_or_path": str(tiny_model_dir),
+                                             "adapter_name_or_path": str(run), **GREEDY}))
     assert stopping.prompt_ids([{"role": "user", "content": "Hello"}]) == ids  # prompts do not change
     reply = stopping.chat([{"role": "user", "content": "Hello"}])
     assert marker not in reply and reply.strip() == ""

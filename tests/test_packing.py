@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tunesmith.data.batching import (
-    IGNORE,
     LAYOUTS,
     Sample,
     collate,
@@ -20,6 +19,7 @@ from tunesmith.data.batching import (
     plan_micro_batches,
     split_varlen,
 )
+from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.train.attention import VARLEN_SDPA, attention_implementation, choose_layout, forward_kwargs
 from tunesmith.train.kernels import cpu_row_multiple
 
@@ -77,11 +77,11 @@ def test_eager_needs_the_mask_converted():
 
 
 def test_varlen_batch_layout():
-    a, b = Sample([5, 6, 7], [IGNORE, 6, 7], 4), Sample([8, 9], [8, 9], 2)
+    a, b = Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2)
     batch = collate_varlen([a, b])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     # b's first label would be predicted from a's last token: it is ignored.
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5] and batch["cu_seq_lens_q"].dtype == torch.int32
     assert int(batch["max_length_q"]) == 3 and int(batch["num_tokens"]) == 5
@@ -92,7 +92,7 @@ def test_masked_batch_layout():
     a, b, c = Sample([5, 6], [5, 6], 0), Sample([7], [7], 1), Sample([8, 9], [8, 9], 2)
     batch = collate_packed([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, 6, IGNORE], [IGNORE, 9, IGNORE]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, IGNORE_INDEX], [IGNORE_INDEX, 9, IGNORE_INDEX]]
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 1, 0]]
     mask = batch["attention_mask"][:, 0].int().tolist()
     assert mask[0] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
@@ -227,7 +227,7 @@ def test_padded_pieces_keep_the_loss_and_count_only_real_tokens():
     whole = collate_varlen(samples)
     padded = pad_varlen(whole, 8, pad_id=0)
     assert padded["input_ids"].shape == (1, 24) and padded["input_ids"][0, 22:].tolist() == [0, 0]
-    assert padded["labels"][0, 22:].tolist() == [IGNORE] * 2 and padded["position_ids"][0, 22:].tolist() == [0, 1]
+    assert padded["labels"][0, 22:].tolist() == [IGNORE_INDEX] * 2 and padded["position_ids"][0, 22:].tolist() == [0, 1]
     assert padded["cu_seq_lens_q"].tolist() == [0, 7, 10, 22, 24] == padded["cu_seq_lens_k"].tolist()
     assert int(padded["num_tokens"]) == 22 and padded["sample_index"].tolist() == [0, 1, 2]
     assert int(padded["max_length_q"]) == 12
@@ -314,11 +314,11 @@ def test_concat_layout_lets_packed_samples_see_each_other(implementation):
 
 def test_concat_batch_layout():
     assert "concat" in LAYOUTS
-    a, b, c = Sample([5, 6, 7], [IGNORE, 6, 7], 4), Sample([8, 9], [8, 9], 2), Sample([3, 4], [IGNORE, 4], 0)
+    a, b, c = Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2), Sample([3, 4], [IGNORE_INDEX, 4], 0)
     batch = collate([[a, b], [c]], 1, "concat")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 1, 1, 1]]
     # labels exactly as encoded: b's first label stays trained (predicted from a's last token)
-    assert batch["labels"].tolist() == [[IGNORE, 6, 7, 8, 9], [IGNORE, 4, IGNORE, IGNORE, IGNORE]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, 8, 9], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4] and batch["position_ids"][1, :2].tolist() == [0, 1]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert int(batch["num_tokens"]) == 7 and batch["sample_index"].tolist() == [4, 2, 0]

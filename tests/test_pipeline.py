@@ -185,7 +185,7 @@ def test_workers_give_the_same_result(tokenizer, repo_data):
 
 def test_preview_marks_trained_tokens(tokenizer, data_dir):
     out = io.StringIO()
-    preview(cfg_for(data_dir, dataset="small", cutoff_len=64), n=2, color=False, tokenizer=tokenizer, file=out)
+    preview(cfg_for(data_dir, dataset="small", cutoff_len=64), tokenizer, n=2, color=False, file=out)
     text = out.getvalue()
     first = encode(_small_conv(data_dir, 0), tokenizer, DataArgs(cutoff_len=64))
     assert f"=== small row 0: {len(first.input_ids)} tokens, {first.trained_tokens} trained ===" in text
@@ -193,7 +193,7 @@ def test_preview_marks_trained_tokens(tokenizer, data_dir):
     assert "=== small row 1: dropped (prompt longer than cutoff_len) ===" in text
     assert "\033[" not in text
     colored = io.StringIO()
-    preview(cfg_for(data_dir, dataset="small"), n=1, color=True, tokenizer=tokenizer, file=colored)
+    preview(cfg_for(data_dir, dataset="small"), tokenizer, n=1, color=True, file=colored)
     assert "\033[32mHi!<|im_end|>\n\033[0m" in colored.getvalue() and "[[" not in colored.getvalue()
 
 
@@ -206,7 +206,7 @@ def _small_conv(data_dir, row):
 def test_dump_writes_what_training_sees(tokenizer, data_dir, cache_home, tmp_path):
     cfg = cfg_for(data_dir, dataset="small,identity", cutoff_len=80, val_size=3)
     out = tmp_path / "dump.jsonl"
-    count = dump(cfg, out, tokenizer=tokenizer)
+    count = dump(cfg, tokenizer, out)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     train = tokenize_datasets(cfg, tokenizer, quiet=True).train
     assert count == len(lines) == len(train) == 2 + 100 - 3

@@ -22,9 +22,9 @@ import torch
 import yaml
 from helpers import identity_dataset
 
+from tunesmith import run_folder as ckpt
 from tunesmith.config import load_config
 from tunesmith.errors import UserError
-from tunesmith.train import checkpoint as ckpt
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -76,6 +76,13 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def slow_saves(seconds: float) -> dict[str, str]:
+    """Environment for a run whose saves wait `seconds` before marking a folder complete."""
+    hooks = str(Path(__file__).parent / "slow_saves")
+    return {"TUNESMITH_SLOW_SAVE": str(seconds),
+            "PYTHONPATH": os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")]))}
 
 
 class Run:
@@ -159,7 +166,7 @@ def test_kill9_anywhere_and_during_a_save_then_resume_is_exact(kill_setup):
         assert not (out / ckpt.COMPLETE).exists(), note  # no final outputs claimed
 
     # A kill in the middle of a save (the save sleeps inside its temporary folder).
-    run = Run(cfg, root / "kill-save.log", *resume, env={ckpt.TEST_SAVE_DELAY_ENV: "60"})
+    run = Run(cfg, root / "kill-save.log", *resume, env=slow_saves(60))
     run.wait_for(lambda: any(p.name.startswith(".tmp-checkpoint-") and any(p.iterdir()) for p in out.iterdir()))
     run.kill9()
     leftover = [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
@@ -208,7 +215,7 @@ def test_kill9_anywhere_and_during_a_save_then_resume_is_exact(kill_setup):
 def test_second_signal_stops_at_once(kill_setup):
     root, cfg, _ = kill_setup
     out = root / "double"
-    run = Run(cfg, root / "double.log", f"output_dir={out}", "save_steps=2", env={ckpt.TEST_SAVE_DELAY_ENV: "120"})
+    run = Run(cfg, root / "double.log", f"output_dir={out}", "save_steps=2", env=slow_saves(120))
     run.wait_for(lambda: (out / f".tmp-checkpoint-2-{run.proc.pid}").is_dir())
     run.proc.send_signal(signal.SIGTERM)  # first: finish the step, then save and stop...
     run.wait_for(lambda: "SIGTERM received" in run.text())
@@ -268,6 +275,23 @@ def test_truncated_checkpoint_is_skipped_with_a_message(tmp_path, capsys):
         ckpt.find_resume_checkpoint("true", out)
 
 
+def test_same_size_damage_is_found_by_the_hash_and_the_previous_checkpoint_is_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    for step in (2, 4):
+        ckpt.atomic_folder(out / f"checkpoint-{step}", lambda f, step=step: (
+            (f / ckpt.STATE).write_text(json.dumps({"global_step": step})),
+            (f / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4)))
+    damaged = out / "checkpoint-4" / "adapter_model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[500] ^= 0xFF  # one flipped byte: the size is unchanged
+    damaged.write_bytes(bytes(data))
+    assert ckpt.find_resume_checkpoint("true", out) == out / "checkpoint-2"
+    assert f"skipping {out / 'checkpoint-4'}: adapter_model.safetensors does not hold the bytes that were written" \
+        in capsys.readouterr().err
+    with pytest.raises(UserError, match="is damaged: adapter_model.safetensors does not hold the bytes"):
+        ckpt.find_resume_checkpoint(str(out / "checkpoint-4"), out)
+
+
 def test_a_failed_save_leaves_nothing_and_the_final_marker_comes_last(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -294,6 +318,23 @@ def test_a_failed_save_leaves_nothing_and_the_final_marker_comes_last(tmp_path):
     (out / "checkpoint-5").rename(out / ".old-checkpoint-5-77")
     assert ckpt.clean_interrupted(out) == ["restored checkpoint-5", "removed .tmp-checkpoint-9-123"]
     assert ckpt.checkpoint_problem(out / "checkpoint-5") is None
+
+
+def test_resume_refuses_changed_math_unless_allowed(tmp_path, tiny_model_dir, data_dir):
+    out = tmp_path / "run"
+    first = settings(tiny_model_dir, data_dir, out, save_steps=2, max_steps=4)
+    train(first)
+    changed = {**first, "resume_from_checkpoint": str(out / "checkpoint-2"), "learning_rate": 0.5, "seed": 3}
+    with pytest.raises(UserError, match=r"was trained with other settings: learning_rate: 0\.005 in the checkpoint, "
+                                        r"0\.5 now; seed: 11 in the checkpoint, 3 now\.") as err:
+        train(changed)
+    assert "resume_allow_changes: true" in str(err.value)
+    train({**changed, "resume_allow_changes": True})
+    noted = [e for e in log_entries(out) if "resumed_with_changes" in e]
+    assert noted == [{"step": 2, "resumed_with_changes": {"learning_rate": {"checkpoint": 0.005, "now": 0.5},
+                                                           "seed": {"checkpoint": 11, "now": 3}}}]
+    rates = [e["learning_rate"] for e in log_entries(out) if "loss" in e]
+    assert rates == [0.005, 0.005, 0.5, 0.5]  # the new rate is the one used after the resume
 
 
 def test_trim_log_drops_later_steps_and_a_cut_line(tmp_path):
@@ -413,13 +454,23 @@ def test_full_disk_is_found_before_step_1_and_at_a_save(tmp_path, tiny_model_dir
                                lambda f: save_file({"w": torch.zeros(2_000_000)}, f / "w.safetensors"))
         assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
         assert ckpt.checkpoint_problem(out / "checkpoint-2") is None
+        # The message says what is actually there: the intact checkpoint, or that there is none.
+        with pytest.raises(UserError, match=f"the newest complete checkpoint, {out / 'checkpoint-2'}, is intact"):
+            ckpt.atomic_folder(out / "checkpoint-9",
+                               lambda f: save_file({"w": torch.zeros(2_000_000)}, f / "w.safetensors"))
+        empty = disk / "no-checkpoints"
+        empty.mkdir()
+        with pytest.raises(UserError, match="No space left on device. No checkpoint has been written in this run yet") \
+                as err:
+            ckpt.write_final_outputs(empty, lambda f: save_file({"w": torch.zeros(2_000_000)}, f / "w.safetensors"))
+        assert "resume_from_checkpoint" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------- safe defaults
 
 def test_pickled_weights_need_the_opt_in_and_never_run_code(tmp_path, tiny_model_dir):
     from tunesmith.config import ModelArgs
-    from tunesmith.model import load_model
+    from tunesmith.model.load import load_model
 
     base = load_model(ModelArgs(model_name_or_path=str(tiny_model_dir)))
     good, bad = tmp_path / "good", tmp_path / "bad"
@@ -491,3 +542,43 @@ def test_api_limits_and_paths_in_requests_are_never_opened(tmp_path, tiny_model_
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------------------- honest run folders
+
+def test_an_overwritten_run_that_was_killed_is_not_loaded(tmp_path, tiny_model_dir, tiny_lora_run):
+    from tunesmith.loading import source_for
+
+    out = shutil.copytree(tiny_lora_run, tmp_path / "run")
+    keys = {"model_name_or_path": str(tiny_model_dir), "output_dir": str(out)}
+    assert source_for(load_config(None, keys)).adapters == (str(out),)  # the finished run loads
+    # A new run takes the folder (overwrite_output_dir) and is killed before its final outputs.
+    ckpt.claim_output_dir(out, resuming=False, overwrite=True)
+    ckpt.atomic_folder(out / "checkpoint-3", lambda f: (
+        shutil.copy(tiny_lora_run / "adapter_config.json", f),
+        shutil.copy(tiny_lora_run / "adapter_model.safetensors", f),
+        (f / ckpt.STATE).write_text(json.dumps({"global_step": 3}))))
+    assert (out / "adapter_model.safetensors").exists()  # the old run's adapter is still there...
+    with pytest.raises(UserError, match="the final outputs are not complete.*did not finish") as err:
+        source_for(load_config(None, keys))  # ...but is never taken for this run's result
+    assert f"adapter_name_or_path={out / 'checkpoint-3'}" in str(err.value)
+    # The command says the same, without a traceback.
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text(yaml.safe_dump(keys))
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "chat", str(cfg)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "did not finish" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_on_a_folder_with_nothing_trained_is_an_error_and_the_base_is_asked_for_explicitly(
+        tmp_path, tiny_model_dir):
+    from tunesmith.loading import source_for
+
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no trained adapter or model"):
+        source_for(load_config(None, {"model_name_or_path": str(tiny_model_dir), "output_dir": str(empty)}))
+    with pytest.raises(UserError, match="does not exist"):
+        source_for(load_config(None, {"model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "x")}))
+    base = source_for(load_config(None, {"model_name_or_path": str(tiny_model_dir)}))  # no output_dir: the base
+    assert base.adapters == () and base.description == f"the base model {tiny_model_dir}"

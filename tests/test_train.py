@@ -191,7 +191,7 @@ def test_cli_train_prints_progress_and_errors_cleanly(tmp_path, tiny_model_dir, 
 def test_eval_loss_is_token_weighted_over_the_whole_eval_set(tmp_path, tiny_model_dir, data_dir):
     from tunesmith.data.batching import Sample, collate_padded
     from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import load_tokenizer
+    from tunesmith.model.load import load_tokenizer
     from tunesmith.train.loss import reference_loss
 
     overrides = base_overrides(tmp_path, tiny_model_dir, data_dir, max_steps=4, val_size=4, eval_strategy="steps",

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API over one ChatEngine (DESIGN §1, §2.8).
+"""OpenAI-compatible HTTP API over one ChatEngine.
 
 Standard library only: a threading HTTP server whose requests queue on the engine's lock, so
 concurrent clients are served one generation at a time by a single model instance. Bound to
@@ -16,7 +16,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from tunesmith.config import RunConfig
@@ -324,16 +323,10 @@ def _usage_json(usage: Any) -> dict[str, int]:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def model_id_for(source: Any) -> str:
-    """The name clients see: the adapter (last one) or model folder's name, or the alias."""
-    name = source.adapters.split(",")[-1] if source.adapters else source.model_args.model_name_or_path
-    return Path(name.rstrip("/")).name or name
-
-
 def make_server(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                 api_key: str | None = None) -> ApiServer:
     try:
-        return ApiServer((host, port), engine, api_key=api_key or None, model_id=model_id_for(engine.source))
+        return ApiServer((host, port), engine, api_key=api_key or None, model_id=engine.source.name)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                         hint="choose another --port (or API_PORT), or stop the program using it.") from None

@@ -1,7 +1,7 @@
 """The `tunesmith` command: a thin shell over the pipeline's functions.
 
 Each subcommand imports its stage lazily so that `--help` and `version` start fast.
-User errors print without a traceback (DESIGN §2.7).
+User errors print without a traceback (docs/ARCHITECTURE.md, "Errors").
 """
 
 from __future__ import annotations
@@ -80,22 +80,28 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     from tunesmith.config import load_config
     from tunesmith.data.pipeline import dump, preview
+    from tunesmith.model.load import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.model)
     if args.data_cmd == "preview":
-        preview(cfg, n=args.n, color=None if not args.no_color else False)
+        preview(cfg, tokenizer, n=args.n, color=None if not args.no_color else False)
     elif args.data_cmd == "dump":
-        dump(cfg, args.out)
+        dump(cfg, tokenizer, args.out)
     return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from tunesmith.model import environment_report, provision_default_model
+    from tunesmith.env import environment_report
+    from tunesmith.files import cache_dir
+    from tunesmith.model.provision import is_provisioned, provision_default_model
 
     if args.provision:
         print(provision_default_model())
         return 0
     print(environment_report())
+    state = "provisioned" if is_provisioned() else "not provisioned yet"
+    print(f"cache dir: {cache_dir()} (default model {state})")
     return 0
 
 

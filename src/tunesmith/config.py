@@ -1,4 +1,4 @@
-"""One typed run configuration, read from YAML plus `key=value` overrides (DESIGN §2.9).
+"""One typed run configuration, read from YAML plus `key=value` overrides.
 
 The dataclasses below are the single schema: validation, `--help`, the web UI's form and
 the resolved `config.yaml` of every run are all derived from them. Key names are
@@ -22,15 +22,27 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field: its default, one line of help, and the allowed values if closed."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    """A config field: its default, one line of help, and the allowed values if closed (for a
+    list-valued key: the values each item may take)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh copy for list-valued keys)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass
 class ModelArgs:
     model_name_or_path: str = opt(DEFAULT_MODEL, "Base model: a local Hugging Face folder, or the alias "
                                   f"'{DEFAULT_MODEL}' (the embedded default model).")
-    adapter_name_or_path: str | None = opt(None, "LoRA adapter folder(s) to load on the base, comma separated.")
+    adapter_name_or_path: list[str] | None = opt(None, "LoRA adapter folder(s) to load on the base: a list, or "
+                                                 "comma separated.")
     trust_remote_code: bool = opt(False, "Allow model code shipped inside the model folder to run.")
     allow_pickle_weights: bool = opt(False, "Read weights from pickle files (*.bin) when a folder has no "
                                      "safetensors (loaded with torch.load(weights_only=True)).")
@@ -42,8 +54,9 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    dataset: str | None = opt(None, "Training dataset name(s) from dataset_info.json, comma separated.")
-    eval_dataset: str | None = opt(None, "Evaluation dataset name(s), comma separated.")
+    dataset: list[str] | None = opt(None, "Training dataset name(s) from dataset_info.json: a list, or comma "
+                                    "separated.")
+    eval_dataset: list[str] | None = opt(None, "Evaluation dataset name(s): a list, or comma separated.")
     dataset_dir: str = opt("data", "Folder holding dataset_info.json and the data files.")
     cutoff_len: int = opt(2048, "Maximum tokens per sample after the chat template.")
     max_samples: int | None = opt(None, "Use at most this many rows of each dataset.")
@@ -74,11 +87,13 @@ class FinetuneArgs:
     stage: str = opt("sft", "Training stage. Only supervised fine-tuning is built.", ("sft",))
     do_train: bool = opt(True, "Run training.")
     finetuning_type: str = opt("lora", "What is trained.", ("lora", "freeze", "full"))
-    lora_target: str = opt("all", "'all' = every linear layer but the output head, or module names, comma separated.")
+    lora_target: list[str] = opt(["all"], "'all' = every linear layer but the output head, or module names (a "
+                                 "list, or comma separated).")
     lora_rank: int = opt(8, "LoRA rank r.")
     lora_alpha: int | None = opt(None, "LoRA alpha (default 2 x rank).")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
-    additional_target: str | None = opt(None, "Extra modules trained fully beside LoRA, comma separated.")
+    additional_target: list[str] | None = opt(None, "Extra modules trained fully beside LoRA (a list, or comma "
+                                              "separated).")
     freeze_trainable_layers: int = opt(2, "Freeze tuning: train the last N layers (first N when negative).")
 
 
@@ -87,6 +102,9 @@ class TrainArgs:
     output_dir: str = opt("saves/run", "Run folder: checkpoints, logs, the trained adapter or model.")
     overwrite_output_dir: bool = opt(False, "Start afresh in an output_dir that already holds a run.")
     resume_from_checkpoint: str | None = opt(None, "A checkpoint folder, or 'true' for the newest in output_dir.")
+    resume_allow_changes: bool = opt(False, "Resume even though keys that change the math (learning rate, "
+                                     "schedule, seed, batches, data, LoRA settings, ...) differ from the "
+                                     "checkpoint's; the differences are logged.")
     per_device_train_batch_size: int = opt(1, "Samples per micro-batch on each device.")
     per_device_eval_batch_size: int = opt(1, "Samples per eval batch on each device.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
@@ -112,7 +130,8 @@ class TrainArgs:
     save_only_model: bool = opt(False, "Checkpoints hold weights only (no optimizer state: not resumable).")
     eval_strategy: str = opt("no", "When to evaluate during training.", ("no", "steps", "epoch"))
     eval_steps: int | None = opt(None, "Evaluate every N steps (default: logging_steps).")
-    report_to: str = opt("none", "Loggers: none, tensorboard, all (comma separated).")
+    report_to: list[str] = opt(["none"], "Loggers: none, tensorboard, all (a list, or comma separated).",
+                               ("none", "tensorboard", "all"))
     plot_loss: bool = opt(False, "Write training_loss.png with the train and eval curves.")
     ddp_timeout: int = opt(1800, "Seconds before a distributed collective times out.")
     deepspeed: str | None = opt(None, "DeepSpeed ZeRO config JSON, e.g. examples/deepspeed/ds_z3_config.json "
@@ -142,6 +161,16 @@ class GenerateArgs:
     repetition_penalty: float = opt(1.0, "Penalty on tokens already generated (1 = none).")
     default_system: str | None = opt(None, "System prompt used when the conversation has none.")
 
+
+# Keys whose change alters what a resumed run computes: a resume compares them with the checkpoint's.
+MATH_KEYS: tuple[str, ...] = (
+    "model_name_or_path", "adapter_name_or_path", "template", "dataset", "eval_dataset", "cutoff_len",
+    "max_samples", "val_size", "train_on_prompt", "mask_history", "packing", "neat_packing", "packing_contamination",
+    "shuffle", "finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "additional_target",
+    "freeze_trainable_layers", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy",
+)
 
 GROUPS: dict[str, type] = {
     "model": ModelArgs,
@@ -203,6 +232,7 @@ class RunConfig:
     export: ExportArgs = field(default_factory=ExportArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
     source: str | None = None  # the YAML file it came from, for messages
+    given: frozenset[str] = frozenset()  # the keys the file or command line set (the rest are defaults)
 
     def to_flat(self) -> dict[str, Any]:
         """Every key with its value, in schema order: what `config.yaml` of a run holds."""
@@ -210,6 +240,11 @@ class RunConfig:
         for group in GROUPS:
             flat.update(dataclasses.asdict(getattr(self, group)))
         return flat
+
+    def math_settings(self) -> dict[str, Any]:
+        """The values of MATH_KEYS: what a checkpoint records and a resume compares."""
+        flat = self.to_flat()
+        return {key: flat[key] for key in MATH_KEYS}
 
     def dump_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -227,19 +262,42 @@ def schema() -> dict[str, tuple[str, dataclasses.Field]]:
 _SCHEMA = schema()
 
 
-# key -> its annotation (resolved: the module uses `from __future__ import annotations`)
-_TYPES: dict[str, Any] = {k: v for cls in GROUPS.values() for k, v in typing.get_type_hints(cls).items()}
+@dataclass(frozen=True)
+class KeySpec:
+    """One config key as `--keys`, the web form and validation see it."""
+
+    name: str
+    group: str
+    base: Any  # bool, int, float, str or list[str]
+    optional: bool  # None (empty) is allowed
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(self.base) is list
+
+
+def _key_spec(name: str, group: str, f: dataclasses.Field, annotation: Any) -> KeySpec:
+    base, optional = annotation, False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        base, optional = args[0], len(args) < len(typing.get_args(annotation))
+    return KeySpec(name, group, base, optional, default_of(f), f.metadata["help"], f.metadata.get("choices"))
+
+
+# The one key table (annotations resolved: the module uses `from __future__ import annotations`).
+KEYS: dict[str, KeySpec] = {
+    name: _key_spec(name, group, f, typing.get_type_hints(GROUPS[group])[name])
+    for name, (group, f) in _SCHEMA.items()
+}
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Turn a YAML or command-line value into the field's type, or say what is wrong."""
-    annotation = _TYPES[key]
-    optional = False
-    base: Any = annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(annotation))
-        base = args[0]
+    spec = KEYS[key]
+    base, optional = spec.base, spec.optional
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("null", "none", "")):
         if optional:
             return None
@@ -266,22 +324,40 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                 raise ValueError
             return float(value)
         if base is str:
-            if isinstance(value, list | tuple):  # `dataset: [a, b]` or `report_to: [tensorboard]`
-                return ",".join(str(v) for v in value)
-            if isinstance(value, dict):
+            if isinstance(value, list | tuple | dict):
                 raise ValueError
             return str(value)
+        if typing.get_origin(base) is list:
+            return _as_list(value)
     except (TypeError, ValueError):
         pass
-    raise UserError(f"{where}: '{key}' must be {'an integer' if base is int else 'a ' + base.__name__}, "
-                    f"got {value!r}.")
+    raise UserError(f"{where}: '{key}' must be {_type_name(base)}, got {value!r}.")
+
+
+def _type_name(base: Any) -> str:
+    if base is int:
+        return "an integer"
+    if typing.get_origin(base) is list:
+        return "a list of names (or one comma-separated string)"
+    return "a " + base.__name__
+
+
+def _as_list(value: Any) -> list[str]:
+    """`[a, b]` from YAML, or `a,b` from YAML or the command line: a list of non-empty names."""
+    if isinstance(value, dict):
+        raise ValueError
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    if any(isinstance(item, list | tuple | dict) for item in items):
+        raise ValueError
+    return [str(item).strip() for item in items if str(item).strip()]
 
 
 def _check_choice(key: str, value: Any, where: str) -> None:
-    choices = _SCHEMA[key][1].metadata.get("choices")
-    if choices and value is not None and value not in choices:
-        raise UserError(f"{where}: '{key}' is {value!r}; allowed: {', '.join(map(str, choices))}"
-                        f"{did_you_mean(str(value), [str(c) for c in choices])}.")
+    choices = KEYS[key].choices
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item is not None and item not in choices:
+            raise UserError(f"{where}: '{key}' is {item!r}; allowed: {', '.join(map(str, choices))}"
+                            f"{did_you_mean(str(item), [str(c) for c in choices])}.")
 
 
 def _line_numbers(text: str) -> dict[str, int]:
@@ -358,6 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
                 raise UserError(f"{where}: 'stage: {value}' is not supported yet; only 'sft' is built.")
             _check_choice(key, value, where)
             setattr(getattr(cfg, group), key, value)
+            cfg.given = cfg.given | {key}
     _validate(cfg)
     return cfg
 
@@ -398,22 +475,16 @@ def _validate(cfg: RunConfig) -> None:
         f.lora_alpha = 2 * f.lora_rank
     if cfg.model.template in ("", "auto"):
         cfg.model.template = None
-    reports = {r.strip() for r in t.report_to.split(",") if r.strip()}
-    unknown = reports - {"none", "tensorboard", "all", "wandb", "mlflow", "swanlab"}
-    if unknown:
-        raise UserError(f"{where}: 'report_to' has {sorted(unknown)}; allowed: none, tensorboard, all.")
-    if reports & {"wandb", "mlflow", "swanlab"}:
-        raise UserError(f"{where}: 'report_to: {t.report_to}' is not supported yet; use tensorboard or none.")
+    if not f.lora_target:
+        raise UserError(f"{where}: 'lora_target' is empty; use 'all' or module names such as [q_proj, v_proj].")
 
 
 def help_table() -> str:
-    """Every key, grouped, with default and help: printed by `--help` of the commands."""
+    """Every key, grouped, with default and help: printed by `tunesmith train --keys`."""
     rows = []
-    for group, cls in GROUPS.items():
+    for group in GROUPS:
         rows.append(f"\n{group}:")
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            choices = f.metadata.get("choices")
-            allowed = f" [{'|'.join(map(str, choices))}]" if choices else ""
-            rows.append(f"  {f.name} (default {default!r}){allowed}\n      {f.metadata['help']}")
+        for spec in (k for k in KEYS.values() if k.group == group):
+            allowed = f" [{'|'.join(map(str, spec.choices))}]" if spec.choices else ""
+            rows.append(f"  {spec.name} (default {spec.default!r}){allowed}\n      {spec.help}")
     return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix (DESIGN §2.7).
+"""The one exception type for mistakes a user can fix (docs/ARCHITECTURE.md, "Errors").
 
 The CLI prints these without a traceback and exits non-zero; everything else is a bug
 and keeps its traceback.

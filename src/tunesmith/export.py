@@ -1,4 +1,4 @@
-"""Export stage: merge adapters into the base, write a stand-alone model folder, verify it (DESIGN §1).
+"""Export stage: merge adapters into the base, write a stand-alone model folder, verify it.
 
 The folder is written into a temporary sibling, loaded back with plain `transformers`, compared
 with base+adapter on fixed prompts, and only then renamed into place: a failed export never
@@ -7,7 +7,6 @@ leaves a folder that looks usable.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -16,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import ModelArgs, RunConfig
+from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
 from tunesmith.files import replace_folder
+from tunesmith.loading import ModelSource, load, source_for
+from tunesmith.template import end_of_turn_ids, render, stop_strings
 
 # Prompts the exported model is checked on: short, multi-turn, with and without a system turn.
 VERIFY_CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -39,149 +40,22 @@ class ExportVerificationError(UserError):
     """The written model does not reproduce base+adapter; nothing was put at export_dir."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Which weights a config means: an explicit adapter, the result in output_dir, or the base alone.
-# Shared with inference so that `chat`, `api` and `export` of one YAML load the same thing.
-
-
-@dataclass
-class ModelSource:
-    """What to load: the model folder, adapter folders on it, and the tokenizer carrying the template."""
-
-    model_args: ModelArgs  # model_name_or_path points at the weights to load first
-    adapters: str | None  # comma-separated adapter folders, or None
-    tokenizer_dir: str | None  # folder whose tokenizer holds the training chat template
-    description: str  # one line for people: what was loaded
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
-
-
-def _has_model_weights(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(
-        folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
-
-
-def locate_source(cfg: RunConfig) -> ModelSource:
-    """The weights a config names. Given the YAML a run was trained with (output_dir set, no
-    adapter_name_or_path), that is the run's result: its adapter, or its full model."""
-    margs = cfg.model
-    base = margs.model_name_or_path
-    if margs.adapter_name_or_path:
-        folders = [Path(p.strip()).expanduser() for p in margs.adapter_name_or_path.split(",") if p.strip()]
-        for folder in folders:
-            if not (folder / "adapter_config.json").is_file():
-                raise UserError(f"adapter_name_or_path: '{folder}' is not an adapter folder (no adapter_config.json).",
-                                hint="give the output_dir of a LoRA run, or remove adapter_name_or_path.")
-        tok = str(folders[0]) if _has_tokenizer(folders[0]) else None
-        names = ", ".join(str(f) for f in folders)
-        return ModelSource(margs, ",".join(str(f) for f in folders), tok,
-                           f"adapter {names} on base model {base}")
-    out = Path(cfg.train.output_dir).expanduser()
-    if (out / "adapter_config.json").is_file():
-        _warn_if_other_base(out, base)
-        return ModelSource(margs, str(out), str(out) if _has_tokenizer(out) else None,
-                           f"the trained adapter in output_dir {out} on base model {base}")
-    if _has_model_weights(out):
-        return ModelSource(dataclasses.replace(margs, model_name_or_path=str(out)), None,
-                           str(out) if _has_tokenizer(out) else None,
-                           f"the trained model in output_dir {out}")
-    return ModelSource(margs, None, None, f"the base model {base} (no adapter_name_or_path, and output_dir "
-                                          f"{out} holds no trained adapter or model)")
-
-
-def _warn_if_other_base(run_dir: Path, base: str) -> None:
-    """A run's config.yaml names the base it was trained on; loading its adapter on another base
-    gives nonsense or a shape error, so say so early."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    import yaml
-
-    try:
-        trained_on = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model_name_or_path")
-    except yaml.YAMLError:
-        return
-    if trained_on and not _same_model(str(trained_on), base):
-        print(f"warning: {run_dir} was trained on '{trained_on}', but model_name_or_path is '{base}'.",
-              file=sys.stderr)
-
-
-def _same_model(a: str, b: str) -> bool:
-    from tunesmith.model import resolve_model_path
-
-    if a == b:
-        return True
-    try:
-        return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
-    except UserError:
-        return False
-
-
-def load_source(source: ModelSource, *, dtype: Any, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for a source: base weights, adapters on top (not merged), eval mode."""
-    from tunesmith.model import load_adapters, load_model, load_tokenizer
-
-    tok_args = source.model_args
-    if source.tokenizer_dir:
-        tok_args = dataclasses.replace(tok_args, model_name_or_path=source.tokenizer_dir)
-    tokenizer = load_tokenizer(tok_args)
-    model = load_model(source.model_args, dtype=dtype, device=device)
-    if source.adapters:
-        model = load_adapters(model, source.adapters)
-    model.eval()
-    return model, tokenizer
-
-
-def end_of_turn_ids(tokenizer: Any, template_name: str | None, extra: Any = None) -> tuple[list[int], list[str]]:
-    """(token ids generation stops at, stop strings that are not single tokens).
-
-    The ids are the tokenizer's eos, any eos already configured (`extra`), and every stop
-    string of the template that is a single token.
-    """
-    from tunesmith.template import stop_strings
-
-    ids: list[int] = []
-
-    def add(value: Any) -> None:
-        for i in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(i, int) and i not in ids:
-                ids.append(i)
-
-    add(extra)
-    add(tokenizer.eos_token_id)
-    multi: list[str] = []
-    for text in stop_strings(tokenizer, template_name):
-        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(encoded) == 1:
-            add(encoded[0])
-        elif text not in multi:
-            multi.append(text)
-    return ids, multi
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def run_export(cfg: RunConfig) -> Path:
-    """Merge, write, verify and publish `export_dir`; returns its path."""
+def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
+    """Merge, write, verify and publish `export_dir`; returns its path. The weights are the
+    given source, else what the config names (loading.source_for)."""
     import torch
 
     if not cfg.export.export_dir:
         raise UserError(f"{cfg.source or 'config'}: 'export_dir' is not set; it names the folder the merged "
                         "model is written to.", hint="add e.g. `export_dir: exports/my-model`.")
     export_dir = Path(cfg.export.export_dir).expanduser().resolve()
-    source = locate_source(cfg)
+    source = source or source_for(cfg)
     _check_export_dir(export_dir, source, cfg)
     device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
 
     print(f"Exporting {source.description}", file=sys.stderr)
     # Merge in fp32: rounding happens once, when casting to the export dtype.
-    model, tokenizer = load_source(source, dtype=torch.float32, device=device)
-    from tunesmith.template import render
-
+    model, tokenizer = load(source, dtype=torch.float32, device=device)
     prompts = [tokenizer(render(c, tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
                for c in VERIFY_CONVERSATIONS]
     reference = _logits(model, prompts)
@@ -232,7 +106,7 @@ def _check_export_dir(export_dir: Path, source: ModelSource, cfg: RunConfig) -> 
     """Refuse folders whose replacement would destroy something that is not an earlier export."""
     protected = {Path(cfg.train.output_dir).expanduser().resolve()}
     if source.adapters:
-        protected |= {Path(p).expanduser().resolve() for p in source.adapters.split(",")}
+        protected |= {Path(p).expanduser().resolve() for p in source.adapters}
     model_path = Path(source.model_args.model_name_or_path).expanduser()
     if model_path.is_dir():
         protected.add(model_path.resolve())
@@ -365,8 +239,6 @@ class _ChatPieces:
 def _chat_pieces(tokenizer: Any) -> _ChatPieces | None:
     """Find the text around each role's content by rendering marker conversations; None when the
     template is not of that shape (the result is checked against the real template)."""
-    from tunesmith.template import render
-
     s, u, a, u2, a2 = "Qsysq7", "Qusrq7", "Qastq7", "Qusr2q7", "Qast2q7"
     msgs = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a},
             {"role": "user", "content": u2}, {"role": "assistant", "content": a2}]
@@ -437,8 +309,6 @@ def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
     """An Ollama Modelfile for this folder: the chat template in Go-template form (plain
     system/user/assistant chats) and the end-of-turn strings as stop parameters."""
     _, multi = end_of_turn_ids(tokenizer, template_name)
-    from tunesmith.template import stop_strings
-
     stops = list(dict.fromkeys([*stop_strings(tokenizer, template_name), *multi]))
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
@@ -468,5 +338,4 @@ def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ExportVerificationError", "ModelSource", "end_of_turn_ids", "load_source", "locate_source",
-           "ollama_modelfile", "run_export"]
+__all__ = ["ExportVerificationError", "ollama_modelfile", "run_export"]

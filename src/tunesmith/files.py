@@ -1,4 +1,5 @@
-"""Folder writes that never leave a half-written result where a finished one is expected."""
+"""Where tunesmith keeps files, and folder writes that never leave a half-written result where a
+finished one is expected."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def cache_dir() -> Path:
+    """Where provisioned models and tokenized data live: $TUNESMITH_CACHE, else ~/.cache/tunesmith."""
+    root = os.environ.get("TUNESMITH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith"
+    return Path(root)

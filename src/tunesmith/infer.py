@@ -1,4 +1,4 @@
-"""Inference stage: one ChatEngine behind `tunesmith chat`, the API and the web UI (DESIGN §1).
+"""Inference stage: one ChatEngine behind `tunesmith chat`, the API and the web UI.
 
 Prompts are built by the same renderer training uses, so a trained model sees at inference
 exactly the text it learned from, and generation stops at the template's end of turn.
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.config import RunConfig
+from tunesmith.env import bf16_supported
 from tunesmith.errors import UserError
-from tunesmith.export import end_of_turn_ids, load_source, locate_source
-from tunesmith.template import render, stop_strings
+from tunesmith.loading import ModelSource, load, source_for
+from tunesmith.template import end_of_turn_ids, render, stop_strings
 
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample")
 
@@ -39,8 +40,6 @@ def check_backend(cfg: RunConfig) -> None:
 
 def _device_and_dtype() -> tuple[str, Any]:
     import torch
-
-    from tunesmith.model import bf16_supported
 
     if torch.cuda.is_available():
         return "cuda", torch.bfloat16 if bf16_supported("cuda") else torch.float16
@@ -95,13 +94,14 @@ class _StopTrimmer:
 class ChatEngine:
     """A model and its tokenizer, loaded once; one generation at a time (a lock queues the rest)."""
 
-    def __init__(self, cfg: RunConfig, *, device: str | None = None, dtype: Any = None) -> None:
+    def __init__(self, cfg: RunConfig, *, source: ModelSource | None = None, device: str | None = None,
+                 dtype: Any = None) -> None:
         check_backend(cfg)
         self.cfg = cfg
         auto_device, auto_dtype = _device_and_dtype()
         self.device = device or auto_device
-        self.source = locate_source(cfg)
-        self.model, self.tokenizer = load_source(self.source, dtype=dtype or auto_dtype, device=self.device)
+        self.source = source or source_for(cfg)
+        self.model, self.tokenizer = load(self.source, dtype=dtype or auto_dtype, device=self.device)
         self.description = self.source.description
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.eos_ids, self.multi_token_stops = end_of_turn_ids(self.tokenizer, cfg.model.template, gen_eos)

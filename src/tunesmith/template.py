@@ -1,4 +1,4 @@
-"""Chat templates and the one renderer used by training and inference (DESIGN §2.1).
+"""Chat templates and the one renderer used by training and inference.
 
 Every template is Jinja: the tokenizer's own by default, or a named one from TEMPLATES for
 models without one. The trained character spans of a conversation are found by rendering
@@ -645,3 +645,28 @@ def stop_strings(tokenizer: Any, name: str | None) -> list[str]:
     if specials:
         tail = tail[: max(tail.rfind(t) + len(t) for t in specials)]
     return [tail] if tail else []
+
+
+def end_of_turn_ids(tokenizer: Any, template_name: str | None, extra: Any = None) -> tuple[list[int], list[str]]:
+    """(token ids generation stops at, stop strings that are not single tokens).
+
+    The ids are the tokenizer's eos, any eos already configured (`extra`), and every stop
+    string of the template that is a single token.
+    """
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for i in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+
+    add(extra)
+    add(tokenizer.eos_token_id)
+    multi: list[str] = []
+    for text in stop_strings(tokenizer, template_name):
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            add(encoded[0])
+        elif text not in multi:
+            multi.append(text)
+    return ids, multi

@@ -5,7 +5,7 @@ batches the uninterrupted run would have seen (no data-loader state to save).
 
 A micro-batch is always the same `batch_size` samples of the shuffled order; packing changes
 only how they are laid out, never which samples train together, so a packed run computes the
-same loss as a padded one step by step (DESIGN §2.3). Three layouts exist:
+same loss as a padded one step by step (docs/ARCHITECTURE.md, "Loss"). Three layouts exist:
 
 - padded: one sample per row, right-padded to the longest;
 - varlen: every sample of the micro-batch concatenated into one row with no padding at all,
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from tunesmith.data.encode import IGNORE_INDEX
+
 LAYOUTS = ("padded", "varlen", "masked", "concat")
 
 
@@ -128,7 +129,7 @@ def collate_padded(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Te
     """Right-padded batch; padding has label -100 and attention 0."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
@@ -146,7 +147,7 @@ def _concatenated(samples: Sequence[Sample]) -> tuple[list[int], list[int], list
     positions: list[int] = []
     for s in samples:
         ids += s.input_ids
-        labels += [IGNORE, *s.labels[1:]]
+        labels += [IGNORE_INDEX, *s.labels[1:]]
         positions += range(len(s.input_ids))
     return ids, labels, positions
 
@@ -207,7 +208,7 @@ def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> di
         return batch
     cu = torch.cat([batch["cu_seq_lens_q"], torch.tensor([length + extra], dtype=torch.int32)])
     longest = torch.maximum(batch["max_length_q"], torch.tensor(extra))
-    fill = {"input_ids": pad_id, "labels": IGNORE}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
     padded = {k: torch.cat([batch[k], torch.full((1, extra), v, dtype=batch[k].dtype)], dim=1) for k, v in fill.items()}
     positions = torch.cat([batch["position_ids"], torch.arange(extra, dtype=batch["position_ids"].dtype)[None]], dim=1)
     return {**batch, **padded, "position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
@@ -217,11 +218,11 @@ def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> di
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D boolean
     block-diagonal causal mask (True = may attend) so attention never crosses a sample boundary
-    (DESIGN §2.4). Kernels that add the mask instead (eager) get it converted in train/loss.py."""
+    (docs/ARCHITECTURE.md, "Packing isolation"). Kernels that add the mask instead (eager) get it converted in train/loss.py."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     segment = torch.full((n, width), -1, dtype=torch.long)  # which sample each token belongs to; -1 = padding
     for r, row in enumerate(rows):
@@ -247,7 +248,7 @@ def collate_concat(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, t
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     row_lengths = []
     for r, row in enumerate(rows):

@@ -316,8 +316,8 @@ def load_tokenized(folder: Path) -> TokenizedData:
 
 # ---------------------------------------------------------------------------------------- entry
 
-def _names(value: str | None) -> list[str]:
-    return [n.strip() for n in (value or "").split(",") if n.strip()]
+def _names(value: list[str] | None) -> list[str]:
+    return list(value or [])
 
 
 def _load_conversations(names: list[str], cfg: RunConfig) -> list[Conversation]:
@@ -370,7 +370,7 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
     eval_fp = data_fingerprint(eval_names, d.dataset_dir) if eval_names else ""
     key = cache_key(cfg, tokenizer, train_fp, eval_fp)
 
-    from tunesmith.model import cache_dir
+    from tunesmith.files import cache_dir
 
     target = Path(d.tokenized_path) if d.tokenized_path else cache_dir() / "tokenized" / key
     if d.tokenized_path and target.exists() and not (target / "meta.json").exists() and \
@@ -422,12 +422,6 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
-def _load_tokenizer(cfg: RunConfig) -> Any:
-    from tunesmith.model import load_tokenizer
-
-    return load_tokenizer(cfg.model)
-
-
 def format_sample(sample: Encoded, tokenizer: Any, *, color: bool) -> str:
     """The sample's text with its trained runs marked: green on a terminal, else [[...]]."""
     out: list[str] = []
@@ -447,15 +441,13 @@ def format_sample(sample: Encoded, tokenizer: Any, *, color: bool) -> str:
     return "".join(out)
 
 
-def preview(cfg: RunConfig, n: int = 3, color: bool | None = None, *, tokenizer: Any = None,
-            file: Any = None) -> None:
+def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = None, *, file: Any = None) -> None:
     """Print the first `n` training rows as training sees them, trained tokens marked."""
     file = file or sys.stdout
     if color is None:
         color = file.isatty() and not os.environ.get("NO_COLOR")
     if not _names(cfg.data.dataset):
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; nothing to preview.")
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg)
     convs = _load_conversations(_names(cfg.data.dataset), cfg)
     shown = 0
     for conv in convs:
@@ -475,10 +467,9 @@ def preview(cfg: RunConfig, n: int = 3, color: bool | None = None, *, tokenizer:
     print(f"({shown} of {len(convs)} rows; {legend}; labels are -100 elsewhere)", file=file)
 
 
-def dump(cfg: RunConfig, out_path: str | Path, *, tokenizer: Any = None) -> int:
+def dump(cfg: RunConfig, tokenizer: Any, out_path: str | Path) -> int:
     """Write every training sample as one JSON line {source, input_ids, labels}, in dataset order.
     Returns the number of lines."""
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg)
     data = tokenize_datasets(cfg, tokenizer)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Attention over packed samples without cross-contamination and without wasted work (DESIGN §2.4).
+"""Attention over packed samples without cross-contamination and without wasted work
+(docs/ARCHITECTURE.md, "Batch layout").
 
 A padding-free micro-batch (data/batching.py, layout "varlen") is one row of samples laid end to
 end plus their boundaries `cu_seq_lens_q/k`. Flash attention 2 takes those boundaries natively

@@ -18,7 +18,7 @@ the same k (`gradient_accumulation_steps`), the loop marks the last micro-batch 
 as the accumulation boundary (`accelerator.sync_gradients`), and accelerate's backward then calls the
 engine's `step()` (clipping, optimizer step, zero grad) exactly once per optimizer step. DeepSpeed
 divides every micro-batch loss by k; `loss_scale` multiplies it back, so the token-weighted loss of
-DESIGN §2.3 is unchanged. The learning-rate schedule stays tunesmith's (created on the prepared
+The token-weighted loss (docs/ARCHITECTURE.md, "Loss") is unchanged. The learning-rate schedule stays tunesmith's (created on the prepared
 optimizer), so a DeepSpeed "scheduler" block is refused.
 """
 
@@ -40,6 +40,8 @@ from typing import Any
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.run_folder import STATE
+from tunesmith.train.checkpoint import rng_state, set_rng_state
 
 INSTALL_HINT = "install it with: pip install 'tunesmith[deepspeed]' (on a machine with CUDA)"
 # Environment variables every launcher (torchrun, accelerate launch, deepspeed) sets in its workers.
@@ -499,8 +501,6 @@ def gather_rng_states(accelerator: Any) -> list[Any] | None:
     """Every rank's RNG state, on the main process, so a resumed run continues each rank's stream."""
     if accelerator.num_processes == 1:
         return None
-    from tunesmith.train.checkpoint import rng_state
-
     gathered: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(gathered, rng_state())
     return gathered
@@ -516,8 +516,6 @@ def restore_rank_rng(accelerator: Any, folder: Path) -> None:
     path = folder / RANK_RNG
     if accelerator.num_processes == 1 or not path.exists():
         return
-    from tunesmith.train.checkpoint import set_rng_state
-
     states = torch.load(path, weights_only=True)  # tensors and numbers only (checkpoint.rng_state)
     if len(states) == accelerator.num_processes:
         set_rng_state(states[accelerator.process_index])
@@ -555,8 +553,6 @@ def check_checkpoint_kind(accelerator: Any, folder: Path) -> None:
 
 def load_sharded_state(accelerator: Any, folder: Path, scheduler: Any) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG shards on every rank; returns trainer_state.json."""
-    from tunesmith.train.checkpoint import STATE
-
     check_checkpoint_kind(accelerator, folder)
     if scheduler not in accelerator._custom_objects:
         accelerator.register_for_checkpointing(scheduler)

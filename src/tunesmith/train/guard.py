@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shlex
 import shutil
 import signal
@@ -126,7 +124,7 @@ class StepGuard:
 
     def check_disk(self, out: Path, model: torch.nn.Module) -> None:
         """Before step 1: the disk must hold one checkpoint (which is also the final outputs' size)."""
-        from tunesmith.model import resolve_model_path
+        from tunesmith.model.provision import resolve_model_path
 
         self.checkpoint_size = checkpoint_bytes(model, self.cfg,
                                                 tokenizer_bytes(resolve_model_path(self.cfg.model.model_name_or_path)))
@@ -194,27 +192,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def prepare_output_dir(out: Path) -> None:
-    """Create output_dir and prove it takes a write, before any work is done (root ignores
-    permission bits, so only a real write shows a read-only or impossible place)."""
-    fix = "choose an output_dir on a writable disk."
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"output_dir {out} cannot be created: {exc.strerror or exc}.", hint=fix) from None
-    probe = out / f".tmp-write-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as fh:
-            fh.write(b"\0" * 4096)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise UserError(f"output_dir {out} is not writable: {exc.strerror or exc}.", hint=fix) from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink(missing_ok=True)
 
 
 def tokenizer_bytes(model_dir: Path) -> int:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.encode import IGNORE_INDEX
+
 
 class RunLog:
     """One object that every logging destination hangs off; only the main process creates one."""
@@ -78,7 +80,7 @@ class StepMeter:
         tokens = int(weight) * sum(int(b["num_tokens"]) for b in batches)
         self.tokens += tokens
         self.slots += int(weight) * sum(b["input_ids"].numel() for b in batches)
-        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != -100).sum()),
+        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
                                                         int(b["attention_pairs"])) for b in batches)
         self.loss += loss if applied else 0.0  # a skipped step (nan_policy: skip) has no loss to average
         self.steps += int(applied)

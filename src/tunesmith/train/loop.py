@@ -1,8 +1,8 @@
-"""The training recipe, readable top to bottom: setup, loop, step, log, evaluate, checkpoint, save.
+"""The training recipe, readable top to bottom: open the run, prepare, train, finish.
 
-An explicit loop on `accelerate` (DESIGN §2.2). The loss of an optimizer step is the sum of
-token losses over all its micro-batches (and ranks) divided by their supervised-token count
-(DESIGN §2.3), so accumulation of k micro-batches equals one batch k times larger.
+An explicit loop on `accelerate`. The loss of an optimizer step is the sum of token losses over
+all its micro-batches (and ranks) divided by their supervised-token count, so accumulation of k
+micro-batches equals one batch k times larger (docs/ARCHITECTURE.md, "Loss").
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tunesmith import run_folder
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import (
     Sample,
@@ -29,14 +29,17 @@ from tunesmith.data.batching import (
     plan_micro_batches,
     split_varlen,
 )
+from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import UserError
+from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training
+from tunesmith.model.load import load_adapters, load_model, load_tokenizer
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
-from tunesmith.train.attention import choose_layout, restore_attention
 from tunesmith.train.flops import flop_counts
-from tunesmith.train.kernels import cpu_row_multiple, set_training_forwards
+from tunesmith.train.kernels import cpu_row_multiple
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
+from tunesmith.train.model_changes import training_changes
 
 
 @dataclass
@@ -56,25 +59,8 @@ def make_plan(n_micro_per_epoch: int, cfg: RunConfig, world: int) -> StepPlan:
     return StepPlan(per_step, steps_per_epoch, total)
 
 
-def check_output_dir(cfg: RunConfig, resuming: bool) -> Path:
-    out = Path(cfg.train.output_dir)
-    held = out.is_dir() and (any((out / m).exists() for m in ckpt.RUN_MARKERS) or ckpt.list_checkpoints(out))
-    if held and not resuming:
-        if not cfg.train.overwrite_output_dir:
-            raise UserError(f"output_dir {out} already holds a run.",
-                            hint="continue it with resume_from_checkpoint: true, start afresh with "
-                                 "overwrite_output_dir: true, or choose another output_dir.")
-        for child in out.iterdir():  # remove only what a run writes, never the user's other files
-            if child.name.startswith(("checkpoint-", ".tmp-checkpoint-")) or child.name == "runs":
-                shutil.rmtree(child, ignore_errors=True)
-            elif child.name in (*ckpt.RUN_MARKERS, "training_loss.png", "preflight.txt", ckpt.COMPLETE):
-                child.unlink()
-    guard.prepare_output_dir(out)  # created and proven writable before any work
-    return out
-
-
 def _precision(cfg: RunConfig, device: torch.device) -> str:
-    from tunesmith.model import bf16_supported
+    from tunesmith.env import bf16_supported
 
     if cfg.train.fp16:
         if device.type != "cuda":
@@ -152,7 +138,7 @@ def accumulate(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
                weight: float = 1.0, accelerator: Any = None, pad_to: int = 0) -> float:
     """Forward and backward of one optimizer step's micro-batches on this rank; returns the summed
     token loss. Each micro-batch's loss is divided by the step's global supervised-token count, so
-    the gradients add up to those of one big batch (DESIGN §2.3). Up to `pad_to` micro-batches run
+    the gradients add up to those of one big batch. Up to `pad_to` micro-batches run
     (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     # DeepSpeed divides by its accumulation steps; multiplied back here (train/distributed.py).
@@ -181,216 +167,355 @@ class TrainResult:
     model: Any  # the trained model (peft-wrapped for LoRA), unwrapped from any distributed wrapper
 
 
-def run_training(cfg: RunConfig) -> TrainResult:
-    t_start = time.time()
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+@dataclass
+class RunSetup:
+    """What a run opens before it trains: processes, folder, data and the model to train."""
 
-    from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.model import (
-        apply_finetuning,
-        base_dtype_for_training,
-        flush_denormals,
-        load_adapters,
-        load_model,
-        load_tokenizer,
-        set_adapter_input_casting,
-    )
+    cfg: RunConfig
+    started: float  # time.time() at the command
+    accelerator: Any
+    mixed: str  # "no", "bf16" or "fp16"
+    out: Path
+    resume_dir: Path | None
+    tokenizer: Any
+    train_sources: list[tuple[str, int]]  # (dataset, row) of each training sample, for messages
+    train_samples: list[Sample]
+    eval_samples: list[Sample]
+    model: Any
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def packing(self) -> bool:
+        d = self.cfg.data
+        return d.packing or d.neat_packing or d.packing_contamination
+
+
+@dataclass
+class Trainer:
+    """The prepared run the loop drives: wrapped module, optimizer, schedule, log and guard."""
+
+    setup: RunSetup
+    layout: str
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    plan: StepPlan
+    start_step: int
+    step_guard: guard.StepGuard
+    log: RunLog | None
+    meter: StepMeter
+    keep_grads: bool
+
+
+def run_training(cfg: RunConfig) -> TrainResult:
+    """Setup, train, finish. Every change made to the model for training is undone on the way
+    out, whatever ends the run (train/model_changes.py)."""
+    setup = open_run(cfg, time.time())
+    sharded = distributed.is_sharded(setup.accelerator)
+    with training_changes(setup.model, packing=setup.packing, contaminate=cfg.data.packing_contamination,
+                          mixed_precision=setup.mixed != "no", sharded=sharded) as layout:
+        trainer = prepare(setup, layout)
+        results = train(trainer)
+    return finish(trainer, results)
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def open_run(cfg: RunConfig, started: float) -> RunSetup:
+    """Processes, the output folder (taken, or resumed), the tokenized data and the model to train."""
+    from accelerate.utils import set_seed
+
+    from tunesmith.env import flush_denormals
 
     flush_denormals()
-    t = cfg.train
     if not cfg.data.dataset:
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; name one or more datasets of "
                         f"{cfg.data.dataset_dir}/dataset_info.json.")
-    resume_setting = t.resume_from_checkpoint
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mixed = _precision(cfg, device)
     # DDP / DeepSpeed / FSDP, the process-group timeout (ddp_timeout); resets the state of an earlier run
     accelerator = distributed.make_accelerator(cfg, device, mixed)
-    out = Path(t.output_dir)
-    if accelerator.is_main_process:
-        ckpt.clean_interrupted(out)  # temporary folders of saves a killed run left behind
-    accelerator.wait_for_everyone()
-    resume_dir = ckpt.find_resume_checkpoint(resume_setting, out)
-    if accelerator.is_main_process:
-        check_output_dir(cfg, resuming=resume_dir is not None)
-    accelerator.wait_for_everyone()
-    set_seed(t.seed)
+    out, resume_dir = _take_output_dir(cfg, accelerator)
+    set_seed(cfg.train.seed)
+    tokenizer, data = _load_data(cfg, accelerator, out)
+    model = _load_model(cfg, accelerator, mixed)
+    return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, [e.source for e in data.train],
+                    _to_samples(data.train), _to_samples(data.eval), model)
 
-    # --- data: tokenized once (main process first; the others read its cache) ---
+
+def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | None]:
+    """Clean up after a killed run, find the checkpoint to resume, claim the folder (main process)."""
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        run_folder.clean_interrupted(out)  # temporary folders of saves a killed run left behind
+    accelerator.wait_for_everyone()
+    resume_dir = run_folder.find_resume_checkpoint(cfg.train.resume_from_checkpoint, out)
+    if accelerator.is_main_process:
+        run_folder.claim_output_dir(out, resuming=resume_dir is not None, overwrite=cfg.train.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    return out, resume_dir
+
+
+def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
+    """Tokenized once (main process first; the others read its cache), then the preflight checks."""
+    from tunesmith.data.pipeline import tokenize_datasets
+    from tunesmith.data.preflight import preflight
+
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
         data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator), tokenizer)
-    train_samples, eval_samples = _to_samples(data.train), _to_samples(data.eval)
-    if not train_samples:
+    if not data.train:
         raise UserError("no training samples are left after tokenization (see the report above).")
-    from tunesmith.data.preflight import preflight
-
     preflight(data.train, tokenizer, cfg, out if accelerator.is_main_process else None)
-    lengths = [len(s.input_ids) for s in train_samples]
-    packing = cfg.data.packing or cfg.data.neat_packing or cfg.data.packing_contamination
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return tokenizer, data
 
-    # --- model ---
-    # Straight onto a single GPU (flash attention needs CUDA at load time); DeepSpeed and FSDP place the
-    # weights themselves at prepare, so they load on the CPU.
+
+def _load_model(cfg: RunConfig, accelerator: Any, mixed: str) -> Any:
+    """The base (plus an adapter to continue), with what trains marked. Straight onto a single GPU
+    (flash attention needs CUDA at load time); DeepSpeed and FSDP place the weights themselves at
+    prepare, so they load on the CPU."""
     sharded = distributed.is_sharded(accelerator)
     load_device = accelerator.device if accelerator.device.type == "cuda" and not sharded else "cpu"
     model = load_model(cfg.model, dtype=base_dtype_for_training(cfg.model, cfg.finetune.finetuning_type, mixed),
                        device=load_device)
     if cfg.model.adapter_name_or_path:  # continue training an adapter (earlier ones merged into the base)
         model = load_adapters(model, cfg.model.adapter_name_or_path, is_trainable=True)
-    model = apply_finetuning(model, cfg.finetune, gradient_checkpointing=t.gradient_checkpointing)
-    # padding-free varlen attention where the kernel allows it
-    layout = choose_layout(model, packing, contaminate=cfg.data.packing_contamination)
-    set_adapter_input_casting(model, enabled=mixed == "no")  # autocast casts LoRA inputs itself
-    # Same math with less memory and work (train/kernels.py); ZeRO-3 gathers weights per module call,
-    # which the fused LoRA forward bypasses, so sharded runs keep the library forwards.
-    set_training_forwards(model, enabled=not sharded)
-    flops = flop_counts(model)
-    module = SFTModule(model)
+    return apply_finetuning(model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def prepare(setup: RunSetup, layout: str) -> Trainer:
+    """Optimizer, schedule and the distributed wrappers; the resumed state; the log and guard."""
+    from transformers import get_scheduler
+
+    cfg, accelerator, t = setup.cfg, setup.accelerator, setup.cfg.train
+    flops = flop_counts(setup.model)
+    module = SFTModule(setup.model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
-    world = accelerator.num_processes
+    lengths = [len(s.input_ids) for s in setup.train_samples]
     n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
-                                     shuffle=False, packing=packing, max_len=cfg.data.cutoff_len))
-    plan = make_plan(n_micro, cfg, world)
+                                     shuffle=False, packing=setup.packing, max_len=cfg.data.cutoff_len))
+    plan = make_plan(n_micro, cfg, accelerator.num_processes)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.total_steps)
     module, optimizer = distributed.prepare(accelerator, module, optimizer)
     # On the prepared optimizer, so that under DeepSpeed the schedule drives the engine's optimizer.
     scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=plan.total_steps)
+    state = _resume(setup, module, optimizer, scheduler, plan) if setup.resume_dir is not None else {}
+    start_step = state.get("global_step", 0)
+    step_guard = guard.StepGuard(cfg, setup.train_sources, accelerator, scaler_handles_overflow=setup.mixed == "fp16",
+                                 last_checkpoint=setup.resume_dir, state=state)
+    log = None
+    if setup.main:
+        step_guard.check_disk(setup.out, accelerator.unwrap_model(module).model)
+        cfg.dump_yaml(setup.out / "config.yaml")
+        _announce(setup, plan, layout)
+        log = RunLog(setup.out, total_steps=plan.total_steps, start_step=start_step,
+                     tensorboard=bool(set(t.report_to) & {"tensorboard", "all"}))
+    keep_grads = _allocate_grads(module, accelerator)
+    return Trainer(setup, layout, module, optimizer, scheduler, plan, start_step, step_guard, log,
+                   StepMeter(accelerator.num_processes, flops), keep_grads)
 
-    start_step = 0
-    state: dict[str, Any] = {}
-    if resume_dir is not None:
-        if distributed.is_sharded(accelerator):  # every rank reads its own ZeRO/FSDP shards
-            state = distributed.load_sharded_state(accelerator, resume_dir, scheduler)
-        else:
-            distributed.check_checkpoint_kind(accelerator, resume_dir)
-            _load_weights(accelerator.unwrap_model(module).model, resume_dir)
-            state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
-            distributed.restore_rank_rng(accelerator, resume_dir)
-        start_step = state["global_step"]
-        if accelerator.is_main_process:  # the log reads as if the run had never stopped
-            ckpt.trim_log(out / "trainer_log.jsonl", start_step)
-        if state.get("plan") != [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]:
-            raise UserError(f"{resume_dir} was written by a run with another batch plan "
-                            f"(micro-batches per step, steps per epoch, total steps = {state.get('plan')}, now "
-                            f"{[plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]}).",
-                            hint="resume with the same data, batch sizes, accumulation, epochs and processes.")
-    main = accelerator.is_main_process
-    step_guard = guard.StepGuard(cfg, [e.source for e in data.train], accelerator,
-                                 scaler_handles_overflow=mixed == "fp16", last_checkpoint=resume_dir, state=state)
-    if main:
-        step_guard.check_disk(out, accelerator.unwrap_model(module).model)
-        cfg.dump_yaml(out / "config.yaml")
-        print(f"train samples {len(train_samples)}, eval samples {len(eval_samples)}, "
-              f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
-              f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {world} "
-              f"samples per step ({layout} batches), precision {mixed}", file=sys.stderr)
-        if layout == "concat":
-            print("warning: packing_contamination is on: packed samples attend to the samples before them in their "
-                  "row, so losses differ from an unpacked run (set packing_contamination: false to keep them apart).",
-                  file=sys.stderr)
-    reports = {r.strip() for r in t.report_to.split(",")}
-    log = RunLog(out, total_steps=plan.total_steps, start_step=start_step,
-                 tensorboard=bool(reports & {"tensorboard", "all"})) if main else None
 
-    # --- loop ---
-    module.train()
-    # Gradients are allocated once, before the first forward, and zeroed rather than freed after each
-    # step: allocated mid-backward every step instead, they split the heap space that activations
-    # reuse and raise peak memory (bench/RESULTS.md). ZeRO and FSDP keep gradients themselves.
-    keep_grads = not distributed.is_sharded(accelerator)
-    if keep_grads:
-        for param in module.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
-    meter = StepMeter(world, flops)
+def _resume(setup: RunSetup, module: Any, optimizer: Any, scheduler: Any, plan: StepPlan) -> dict[str, Any]:
+    """Weights, optimizer, schedule and RNG from the checkpoint; the log cut back to its step."""
+    accelerator, resume_dir = setup.accelerator, setup.resume_dir
+    assert resume_dir is not None
+    if distributed.is_sharded(accelerator):  # every rank reads its own ZeRO/FSDP shards
+        state = distributed.load_sharded_state(accelerator, resume_dir, scheduler)
+    else:
+        distributed.check_checkpoint_kind(accelerator, resume_dir)
+        _load_weights(accelerator.unwrap_model(module).model, resume_dir)
+        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
+        distributed.restore_rank_rng(accelerator, resume_dir)
+    _check_resumed_settings(setup, state)
+    if setup.main:  # the log reads as if the run had never stopped
+        run_folder.trim_log(setup.out / "trainer_log.jsonl", state["global_step"])
+    if state.get("plan") != [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]:
+        raise UserError(f"{resume_dir} was written by a run with another batch plan "
+                        f"(micro-batches per step, steps per epoch, total steps = {state.get('plan')}, now "
+                        f"{[plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]}).",
+                        hint="resume with the same data, batch sizes, accumulation, epochs and processes.")
+    return state
+
+
+def _check_resumed_settings(setup: RunSetup, state: dict[str, Any]) -> None:
+    """A resume continues the checkpoint's run: keys that change the math must be the same, unless
+    resume_allow_changes says otherwise (then the differences are said and logged)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):  # a checkpoint from before settings were recorded
+        return
+    now = setup.cfg.math_settings()
+    changed = {key: (saved[key], now[key]) for key in now if key in saved and saved[key] != now[key]}
+    if not changed:
+        return
+    listing = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+    if not setup.cfg.train.resume_allow_changes:
+        raise UserError(f"resume_from_checkpoint: {setup.resume_dir} was trained with other settings: {listing}.",
+                        hint="resume with the checkpoint's settings, start afresh with overwrite_output_dir: true, "
+                             "or set resume_allow_changes: true to continue with the new values.")
+    if setup.main:
+        print(f"warning: resuming {setup.resume_dir} with changed settings (resume_allow_changes): {listing}.",
+              file=sys.stderr)
+        with open(setup.out / "trainer_log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": state["global_step"], "resumed_with_changes":
+                                  {key: {"checkpoint": old, "now": new} for key, (old, new) in changed.items()}})
+                      + "\n")
+
+
+def _announce(setup: RunSetup, plan: StepPlan, layout: str) -> None:
+    t = setup.cfg.train
+    print(f"train samples {len(setup.train_samples)}, eval samples {len(setup.eval_samples)}, "
+          f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
+          f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {setup.accelerator.num_processes} "
+          f"samples per step ({layout} batches), precision {setup.mixed}", file=sys.stderr)
+    if layout == "concat":
+        print("warning: packing_contamination is on: packed samples attend to the samples before them in their "
+              "row, so losses differ from an unpacked run (set packing_contamination: false to keep them apart).",
+              file=sys.stderr)
+
+
+def _allocate_grads(module: Any, accelerator: Any) -> bool:
+    """Gradients are allocated once, before the first forward, and zeroed rather than freed after
+    each step: allocated mid-backward every step instead, they split the heap space that
+    activations reuse and raise peak memory (bench/RESULTS.md). ZeRO and FSDP keep gradients
+    themselves. Returns whether gradients are kept."""
+    if distributed.is_sharded(accelerator):
+        return False
+    for param in module.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ train
+
+def train(trainer: Trainer) -> dict[str, Any]:
+    """The optimizer steps from start_step to the end, with logging, eval and checkpoints; then the
+    final eval. Returns the run's figures."""
+    setup, plan = trainer.setup, trainer.plan
+    cfg, accelerator = setup.cfg, setup.accelerator
+    trainer.module.train()
+    lengths = [len(s.input_ids) for s in setup.train_samples]
     first_step_seconds = None
     eval_loss = None
     last_batch = None
     step_started = time.time()
-    for step, batches in step_guard.steps(step_batches(train_samples, lengths, plan, cfg, start_step, accelerator,
-                                                       layout, pad_id)):
-        local_count = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
-                                              reduction="sum").item())
+    batches_by_step = step_batches(setup.train_samples, lengths, plan, cfg, trainer.start_step, accelerator,
+                                   trainer.layout, setup.pad_id)
+    for step, batches in trainer.step_guard.steps(batches_by_step):
         weight = 1.0
         if not batches:  # a rank with no micro-batch in a short last step still joins the collectives
             batches, weight = [last_batch], 0.0
-        step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
-                               accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
+        loss, grad_norm, applied, supervised = optimizer_step(trainer, step, batches, weight)
         last_batch = batches[-1]
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
-                                              reduction="sum")) / max(global_count, 1)
-        applied = step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
-        if applied:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=not keep_grads)
         if first_step_seconds is None:
-            first_step_seconds = time.time() - t_start
-            if main:
-                log.bar.write(f"first step after {first_step_seconds:.1f} s from the command")
-        meter.add(batches, weight=weight, loss=total_loss, applied=applied, supervised=global_count,
-                  seconds=time.time() - step_started)
+            first_step_seconds = time.time() - setup.started
+            if setup.main:
+                trainer.log.bar.write(f"first step after {first_step_seconds:.1f} s from the command")
+        trainer.meter.add(batches, weight=weight, loss=loss, applied=applied, supervised=supervised,
+                          seconds=time.time() - step_started)
         done = step + 1
-        if main:
-            log.step(done, {"loss": f"{total_loss:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
-                            "tok/s": f"{meter.tokens_per_second():.0f}"})
-        if done % t.logging_steps == 0 or done == plan.total_steps:
-            if main:
-                log.record({
-                    "step": done, "epoch": round(done / plan.steps_per_epoch, 4), **meter.window(),
-                    **({"skipped_steps": step_guard.skipped} if step_guard.skipped else {}),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "elapsed": round(time.time() - t_start, 2), "eta": round(log.eta(done), 1),
-                    "total_steps": plan.total_steps,
-                })
-            meter.reset_window()
-        if eval_samples and t.eval_strategy == "steps" and done % (t.eval_steps or t.logging_steps) == 0 \
-                and done != plan.total_steps:
-            eval_loss = evaluate(module, eval_samples, cfg, pad_id, accelerator)
-            if main:
-                log.record({"step": done, "eval_loss": eval_loss})
-        if t.save_steps > 0 and done % t.save_steps == 0 and done != plan.total_steps:
-            _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator, step_guard)
-        if step_guard.stop_signal is not None and done != plan.total_steps:  # SIGINT/SIGTERM: save, then stop
-            if step_guard.saved_step != done:
-                _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator, step_guard)
-            if main:
-                log.close()
-            raise guard.interrupted(step_guard.stop_signal, done, plan.total_steps, out / f"checkpoint-{done}", cfg)
+        _log_step(trainer, done, loss, grad_norm)
+        eval_loss = _after_step(trainer, done, eval_loss)
         step_started = time.time()
+    if setup.eval_samples:
+        eval_loss = evaluate(trainer.module, setup.eval_samples, cfg, setup.pad_id, accelerator)
+        if setup.main:
+            trainer.log.record({"step": plan.total_steps, "eval_loss": eval_loss})
+    return {"global_step": plan.total_steps, "train_runtime": round(time.time() - setup.started, 2),
+            "first_step_seconds": round(first_step_seconds or 0.0, 2), "eval_loss": eval_loss,
+            "train_samples": len(setup.train_samples), "steps_run": plan.total_steps - trainer.start_step,
+            **trainer.meter.run_totals(), "skipped_steps": trainer.step_guard.skipped}
 
-    # --- the end: final eval, outputs written atomically ---
-    if eval_samples:
-        eval_loss = evaluate(module, eval_samples, cfg, pad_id, accelerator)
-        if main:
-            log.record({"step": plan.total_steps, "eval_loss": eval_loss})
-    results = {"global_step": plan.total_steps, "train_runtime": round(time.time() - t_start, 2),
-               "first_step_seconds": round(first_step_seconds or 0.0, 2), "eval_loss": eval_loss,
-               "train_samples": len(train_samples), "steps_run": plan.total_steps - start_step,
-               **meter.run_totals(), "skipped_steps": step_guard.skipped}
+
+def optimizer_step(trainer: Trainer, step: int, batches: list[dict[str, torch.Tensor]],
+                   weight: float) -> tuple[float, Any, bool, int]:
+    """Forward and backward of this step's micro-batches on every rank, then the update unless the
+    loss or gradient is not finite. Returns (token-mean loss, grad norm, applied, supervised tokens)."""
+    setup, t = trainer.setup, trainer.setup.cfg.train
+    accelerator, module = setup.accelerator, trainer.module
+    local_count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) if weight else 0
+    global_count = int(accelerator.reduce(torch.tensor([local_count], device=accelerator.device),
+                                          reduction="sum").item())
+    world = accelerator.num_processes
+    step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
+                           accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
+    grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+    total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
+                                          reduction="sum")) / max(global_count, 1)
+    applied = trainer.step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
+    if applied:
+        trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=not trainer.keep_grads)
+    return total_loss, grad_norm, applied, global_count
+
+
+def _log_step(trainer: Trainer, done: int, loss: float, grad_norm: Any) -> None:
+    setup, plan, meter = trainer.setup, trainer.plan, trainer.meter
+    lr = trainer.scheduler.get_last_lr()[0]
+    if setup.main:
+        trainer.log.step(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{meter.tokens_per_second():.0f}"})
+    if done % setup.cfg.train.logging_steps and done != plan.total_steps:
+        return
+    if setup.main:
+        skipped = trainer.step_guard.skipped
+        trainer.log.record({
+            "step": done, "epoch": round(done / plan.steps_per_epoch, 4), **meter.window(),
+            **({"skipped_steps": skipped} if skipped else {}), "learning_rate": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "elapsed": round(time.time() - setup.started, 2), "eta": round(trainer.log.eta(done), 1),
+            "total_steps": plan.total_steps,
+        })
+    meter.reset_window()
+
+
+def _after_step(trainer: Trainer, done: int, eval_loss: float | None) -> float | None:
+    """Eval and checkpoint when they are due; a stop signal saves and ends the run."""
+    setup, t, last = trainer.setup, trainer.setup.cfg.train, trainer.plan.total_steps
+    if setup.eval_samples and t.eval_strategy == "steps" and done % (t.eval_steps or t.logging_steps) == 0 \
+            and done != last:
+        eval_loss = evaluate(trainer.module, setup.eval_samples, setup.cfg, setup.pad_id, setup.accelerator)
+        if setup.main:
+            trainer.log.record({"step": done, "eval_loss": eval_loss})
+    if t.save_steps > 0 and done % t.save_steps == 0 and done != last:
+        _save_checkpoint(trainer, done)
+    stop = trainer.step_guard.stop_signal
+    if stop is not None and done != last:  # SIGINT/SIGTERM: save, then stop
+        if trainer.step_guard.saved_step != done:
+            _save_checkpoint(trainer, done)
+        if setup.main:
+            trainer.log.close()
+        raise guard.interrupted(stop, done, last, setup.out / f"checkpoint-{done}", setup.cfg)
+    return eval_loss
+
+
+# ------------------------------------------------------------------------------------------ finish
+
+def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
+    """The final outputs, written atomically next to the run files, and the run's figures."""
+    setup, accelerator = trainer.setup, trainer.setup.accelerator
     accelerator.wait_for_everyone()
-    gathered = distributed.gather_state_dict(accelerator, module)  # every rank joins under ZeRO-3/FSDP
-    if main:
-        log.close()
-        model_to_save = accelerator.unwrap_model(module).model
-        restore_attention(model_to_save)
-        set_adapter_input_casting(model_to_save, enabled=True)
-        set_training_forwards(model_to_save, enabled=False)
-        _write_final(model_to_save, tokenizer, out, accelerator, gathered)
-        (out / "train_results.json").write_text(json.dumps(results, indent=2))
-        if t.plot_loss:
-            plot_loss(out)
-        print(f"Saved the trained {'adapter' if cfg.finetune.finetuning_type == 'lora' else 'model'} to {out}",
-              file=sys.stderr)
+    gathered = distributed.gather_state_dict(accelerator, trainer.module)  # every rank joins under ZeRO-3/FSDP
+    model = accelerator.unwrap_model(trainer.module).model
+    if setup.main:
+        trainer.log.close()
+        run_folder.write_final_outputs(
+            setup.out, lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered))
+        (setup.out / "train_results.json").write_text(json.dumps(results, indent=2))
+        if setup.cfg.train.plot_loss:
+            plot_loss(setup.out)
+        kind = "adapter" if setup.cfg.finetune.finetuning_type == "lora" else "model"
+        print(f"Saved the trained {kind} to {setup.out}", file=sys.stderr)
     accelerator.wait_for_everyone()
-    return TrainResult(results, accelerator.unwrap_model(module).model)
+    return TrainResult(results, model)
 
 
 def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
@@ -429,37 +554,31 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
             step += 1
 
 
-def _write_final(model: Any, tokenizer: Any, out: Path, accelerator: Any,
-                 gathered: dict[str, torch.Tensor] | None = None) -> None:
-    """Weights and tokenizer go to a temp folder first, then move next to the run files; the run
-    folder's `.complete` marker is written last (see checkpoint.write_final_outputs)."""
-    ckpt.write_final_outputs(out, lambda staging: save_weights(model, tokenizer, staging, accelerator, gathered))
-
-
-def _save_checkpoint(module: Any, optimizer: Any, scheduler: Any, tokenizer: Any, out: Path, step: int,
-                     plan: StepPlan, cfg: RunConfig, accelerator: Any, step_guard: guard.StepGuard) -> None:
+def _save_checkpoint(trainer: Trainer, step: int) -> None:
+    setup, plan, cfg = trainer.setup, trainer.plan, trainer.setup.cfg
+    accelerator, out, step_guard = setup.accelerator, setup.out, trainer.step_guard
     accelerator.wait_for_everyone()
     # Collectives first (every rank): gathered weights, each rank's RNG, ZeRO/FSDP optimizer shards.
-    gathered = distributed.gather_state_dict(accelerator, module)
+    gathered = distributed.gather_state_dict(accelerator, trainer.module)
     rank_rngs = distributed.gather_rng_states(accelerator)
-    sharded = None if cfg.train.save_only_model else distributed.save_sharded_state(accelerator, out, step, scheduler)
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(module).model
+    sharded = None if cfg.train.save_only_model else \
+        distributed.save_sharded_state(accelerator, out, step, trainer.scheduler)
+    if setup.main:
+        model = accelerator.unwrap_model(trainer.module).model
         guard.check_free_space(out, step_guard.checkpoint_size, f"checkpoint-{step}")
+        optimizer = None if cfg.train.save_only_model or sharded else trainer.optimizer
+        state = {"global_step": step, "plan": [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps],
+                 "epoch": step / plan.steps_per_epoch, "config": cfg.math_settings(), **step_guard.state()}
 
         def write(folder: Path) -> None:
-            save_weights(model, tokenizer, folder, accelerator, gathered)
+            save_weights(model, setup.tokenizer, folder, accelerator, gathered)
             distributed.write_rank_rng(folder, rank_rngs)
             if sharded is not None:  # optimizer, scheduler and RNG live in accelerate's sharded state
                 sharded.rename(folder / distributed.SHARDED_STATE)
-            ckpt.save_training_state(folder, optimizer=None if cfg.train.save_only_model or sharded else optimizer,
-                                     scheduler=scheduler, state={
-                                         "global_step": step,
-                                         "plan": [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps],
-                                         "epoch": step / plan.steps_per_epoch, **step_guard.state()})
+            ckpt.save_training_state(folder, optimizer=optimizer, scheduler=trainer.scheduler, state=state)
 
-        ckpt.atomic_folder(out / f"checkpoint-{step}", write)
-        ckpt.rotate(out, cfg.train.save_total_limit)
+        run_folder.atomic_folder(out / f"checkpoint-{step}", write)
+        run_folder.rotate(out, cfg.train.save_total_limit)
     accelerator.wait_for_everyone()
     step_guard.saved(step, out / f"checkpoint-{step}")
 

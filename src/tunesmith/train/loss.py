@@ -1,4 +1,5 @@
-"""The SFT loss: token-weighted cross-entropy over supervised positions only (DESIGN §2.3, §2.5).
+"""The SFT loss: token-weighted cross-entropy over supervised positions only
+(docs/ARCHITECTURE.md, "Loss").
 
 Only positions whose next token is trained reach the output head, and the head's logits are
 computed chunk by chunk inside one autograd function that also forms their gradient, so the
@@ -14,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.train.attention import forward_kwargs
 from tunesmith.train.kernels import ROW_MULTIPLE, matmul_nt, pad_rows
 
-IGNORE = -100
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 160 tokens of a 49k vocabulary (bench/RESULTS.md)
 
 
@@ -123,7 +124,7 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | No
     hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).last_hidden_state
     labels = batch["labels"]
     targets = labels[:, 1:]
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     count = int(keep.sum())
     if count == 0:
         return hidden.sum() * 0.0, 0
@@ -156,5 +157,5 @@ def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     logits = model(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).logits.float()
     targets = batch["labels"][:, 1:]
     total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    return total, int((targets != IGNORE).sum())
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((targets != IGNORE_INDEX).sum())

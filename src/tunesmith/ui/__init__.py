@@ -10,7 +10,7 @@ import os
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve the page until interrupted. Binds 127.0.0.1 unless told otherwise (DESIGN §2.8)."""
+    """Serve the page until interrupted. Binds 127.0.0.1 unless told otherwise."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio when imported: no phoning home
     try:
         import gradio  # noqa: F401

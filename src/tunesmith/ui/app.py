@@ -1,4 +1,4 @@
-"""The page: Train, Monitor, Chat and Export tabs, thin shells over the CLI's code paths (DESIGN §1).
+"""The page: Train, Monitor, Chat and Export tabs, thin shells over the CLI's code paths.
 
 Training and export run as `tunesmith train|export <yaml>` subprocesses, so the page and the
 command line share one code path and one wording of errors; chat uses the same ChatEngine as
@@ -18,6 +18,7 @@ from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL, load_config
 from tunesmith.errors import UserError
+from tunesmith.loading import settings_for, source_from_folder
 from tunesmith.ui import form
 from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text, run_dir
 
@@ -133,9 +134,6 @@ class WebUI:
 
         self.runs = RunManager()
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tunesmith-webui-"))
-        # An empty folder given as output_dir when chat/export should use the base model alone.
-        self.no_run_dir = self.work_dir / "no-run"
-        self.no_run_dir.mkdir(parents=True, exist_ok=True)
         self._engine: Any = None
         self._engine_key: tuple[str, str, str] | None = None
         self._engine_lock = threading.Lock()
@@ -162,10 +160,12 @@ class WebUI:
 
     # -- chat -------------------------------------------------------------------------------
 
-    def chat_config(self, model: str, run_folder: str, template: str) -> Any:
-        return load_config(None, {"model_name_or_path": (model or DEFAULT_MODEL).strip(),
-                                  "output_dir": (run_folder or "").strip() or str(self.no_run_dir),
-                                  "template": None if template in ("", "auto", None) else template})
+    def chat_source(self, model: str, run_folder: str, template: str) -> tuple[Any, Any]:
+        """(config, model source) for the chat and export tabs: the run or adapter folder picked, or
+        the base model alone when none is."""
+        cfg = load_config(None, {"model_name_or_path": (model or DEFAULT_MODEL).strip(),
+                                 "template": None if template in ("", "auto", None) else template})
+        return cfg, source_from_folder(cfg.model, (run_folder or "").strip() or None)
 
     def load_engine(self, model: str, run_folder: str, template: str) -> Any:
         """One chat model for the server (the memory of one), replaced when another is asked for."""
@@ -175,7 +175,8 @@ class WebUI:
         with self._engine_lock:
             if self._engine is None or self._engine_key != key:
                 self._engine, self._engine_key = None, None
-                self._engine = ChatEngine(self.chat_config(*key))
+                cfg, source = self.chat_source(*key)
+                self._engine = ChatEngine(cfg, source=source)
                 self._engine_key = key
             return self._engine
 
@@ -191,9 +192,8 @@ class WebUI:
         """Run `tunesmith export` and yield (console so far, result) as it goes."""
         import yaml
 
-        settings = {"model_name_or_path": (model or DEFAULT_MODEL).strip(),
-                    "output_dir": (run_folder or "").strip() or str(self.no_run_dir),
-                    "template": None if template in ("", "auto", None) else template,
+        cfg, source = self.chat_source(model, run_folder, template)
+        settings = {**settings_for(source), "template": cfg.model.template,
                     "export_dir": (export_dir or "").strip() or None,
                     "export_size": export_size, "export_dtype": export_dtype}
         path = self.scratch_file("export-")
@@ -528,7 +528,7 @@ def _form_updates(gr: Any, path: str, verb: str) -> list[Any]:
     import yaml
 
     values, others = form.form_from_yaml(path, FORM_KEYS)
-    datasets = [n.strip() for n in (values["dataset"] or "").split(",") if n.strip()]
+    datasets = list(values["dataset"] or [])
     try:
         names, _ = dataset_choices(values["dataset_dir"])
     except UserError:

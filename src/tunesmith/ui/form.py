@@ -1,4 +1,4 @@
-"""Form fields derived from the config schema (DESIGN §2.9).
+"""Form fields derived from the config's key table (config.KEYS).
 
 Each widget is labelled with its config key and takes its default, help and allowed values from
 the dataclass field in config.py, so the page never restates a default. What the form holds
@@ -7,41 +7,30 @@ goes back to the same YAML `tunesmith train` reads, and through the same validat
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tunesmith.config import IGNORED_KEYS, load_config, schema
+from tunesmith.config import IGNORED_KEYS, KEYS, load_config
 from tunesmith.errors import UserError
 
-SCHEMA = schema()
 
-
-def field_type(key: str) -> tuple[type, bool]:
-    """(bool, int, float or str; whether None is allowed) of a config key."""
-    from tunesmith import config
-
-    group_cls = config.GROUPS[SCHEMA[key][0]]
-    annotation = typing.get_type_hints(group_cls)[key]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
+def field_type(key: str) -> tuple[Any, bool]:
+    """(bool, int, float, str or list[str]; whether None is allowed) of a config key."""
+    return KEYS[key].base, KEYS[key].optional
 
 
 def default(key: str) -> Any:
-    return SCHEMA[key][1].default
+    return KEYS[key].default
 
 
 def help_text(key: str) -> str:
-    return SCHEMA[key][1].metadata["help"]
+    return KEYS[key].help
 
 
 def choices(key: str) -> tuple[Any, ...] | None:
-    return SCHEMA[key][1].metadata.get("choices")
+    return KEYS[key].choices
 
 
 def widget(key: str, prefix: str, *, suggestions: list[str] | None = None, **kwargs: Any) -> Any:
@@ -54,10 +43,12 @@ def widget(key: str, prefix: str, *, suggestions: list[str] | None = None, **kwa
     options.update(kwargs)
     value = options.pop("value", default(key))
     allowed = choices(key)
+    if KEYS[key].is_list and isinstance(value, list) and not allowed:  # shown as YAML's one-line form: a, b
+        value = ", ".join(value)
     if suggestions is not None:
         return gr.Dropdown(choices=list(suggestions), value=value, allow_custom_value=True, **options)
     if allowed:
-        return gr.Dropdown(choices=list(allowed), value=value, **options)
+        return gr.Dropdown(choices=list(allowed), value=value, multiselect=KEYS[key].is_list, **options)
     if base is bool:
         return gr.Checkbox(value=value, **options)
     if base in (int, float) and not optional:
@@ -71,8 +62,8 @@ def settings_from_form(keys: list[str], values: list[Any]) -> dict[str, Any]:
     """Form values by key, typed as the YAML would hold them: an emptied field is None."""
     settings: dict[str, Any] = {}
     for key, value in zip(keys, values, strict=True):
-        if isinstance(value, list | tuple):  # a multi-select: comma-separated, as in YAML
-            value = ",".join(str(v) for v in value)
+        if isinstance(value, list | tuple):  # a multi-select
+            value = [str(v) for v in value] or None
         if isinstance(value, str):
             value = value.strip()
         base = field_type(key)[0]

@@ -1,6 +1,6 @@
 """Training runs launched from the web UI: `tunesmith train <yaml>` subprocesses, watched through files.
 
-Everything about a run lives in its output_dir (DESIGN §3), so a reloaded page, a second browser
+Everything about a run lives in its output_dir (docs/ARCHITECTURE.md, "The run folder"), so a reloaded page, a second browser
 tab or a restarted server finds it again: the YAML it was started with, the captured console
 output, and a small state file holding the process id and, once known, the exit code.
 """
@@ -230,7 +230,7 @@ def read_status(output_dir: str | Path, process: subprocess.Popen | None = None)
     if status.state in ("failed", "stopped", "ended"):
         status.error = error_text(console_text(out))
     if status.state == "stopped":
-        from tunesmith.train.checkpoint import list_checkpoints
+        from tunesmith.run_folder import list_checkpoints
 
         saved = list_checkpoints(out)
         status.checkpoint = saved[-1][1].name if saved else None

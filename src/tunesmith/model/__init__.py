@@ -1,0 +1,1 @@
+"""Models: the default model's provisioning, loading from local folders, fine-tuning setup."""

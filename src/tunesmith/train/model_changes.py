@@ -1,0 +1,42 @@
+"""Every change training makes to a model, applied on entry and undone on exit, however the
+run ends (success, a NaN stop, a signal, an exception) and on every process.
+
+While training:
+- sdpa models attend per sample with no padding (train/attention.py, `choose_layout`);
+- peft's LoRA layers do not cast their inputs to fp32 under mixed precision (autocast casts them
+  back at once, so the round trip only costs copies);
+- LoRA, gated-MLP, frozen-RMSNorm and CPU fp32 linear layers run the training forwards of
+  train/kernels.py (same math, less memory), except under ZeRO-3/FSDP, which gather weights per
+  module call.
+
+Afterwards the model is the library's own again: what a caller gets back chats, exports and
+saves exactly like a model that was never trained here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from tunesmith.model.finetune import set_adapter_input_casting
+from tunesmith.train.attention import choose_layout, restore_attention
+from tunesmith.train.kernels import set_training_forwards
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@contextlib.contextmanager
+def training_changes(model: nn.Module, *, packing: bool, contaminate: bool, mixed_precision: bool,
+                     sharded: bool) -> Iterator[str]:
+    """Apply the training-time changes; yields the batch layout the attention now takes."""
+    try:
+        layout = choose_layout(model, packing, contaminate=contaminate)
+        set_adapter_input_casting(model, enabled=not mixed_precision)
+        set_training_forwards(model, enabled=not sharded)
+        yield layout
+    finally:
+        set_training_forwards(model, enabled=False)
+        set_adapter_input_casting(model, enabled=True)
+        restore_attention(model)
