@@ -29,11 +29,14 @@ def prepare_data(data_dir: Path) -> None:
     (data_dir / "dataset_info.json").write_text(json.dumps({"identity_tunesmith": {"file_name": "identity.json"}}))
 
 
-def ask(overrides: list[str]) -> str:
+def ask(*, trained: bool) -> str:
+    """The answer of the run's trained adapter, or of the base model alone (before training)."""
     from tunesmith.config import load_config
     from tunesmith.infer import ChatEngine
+    from tunesmith.loading import base_model
 
-    engine = ChatEngine(load_config(CONFIG, overrides))
+    cfg = load_config(CONFIG)
+    engine = ChatEngine(cfg, source=None if trained else base_model(cfg.model))
     return engine.chat([{"role": "user", "content": QUESTION}], do_sample=False, max_new_tokens=64).strip()
 
 
@@ -42,11 +45,11 @@ def main() -> int:
     from tunesmith.model.provision import provision_default_model
 
     print(f"default model: {provision_default_model()}")
-    print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(['output_dir=saves/demo/none'])}\n", flush=True)
+    print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(trained=False)}\n", flush=True)
     prepare_data(REPO / "saves" / "demo" / "data")
     print(f"=== training: tunesmith train {CONFIG.relative_to(REPO)} ===", flush=True)
     subprocess.run([sys.executable, "-m", "tunesmith", "train", str(CONFIG)], cwd=REPO, check=True)
-    answer = ask([])
+    answer = ask(trained=True)
     print(f"\n=== after fine-tuning ===\nQ: {QUESTION}\nA: {answer}\n", flush=True)
     print(f"=== export: tunesmith export {CONFIG.relative_to(REPO)} export_dir={EXPORT} ===", flush=True)
     subprocess.run([sys.executable, "-m", "tunesmith", "export", str(CONFIG), f"export_dir={EXPORT}"], cwd=REPO,
