@@ -169,3 +169,49 @@ def test_schema_is_the_single_source_of_help():
     skip_invalid""".split()
     assert not [k for k in required if k not in keys]
     assert isinstance(RunConfig().to_flat(), dict)
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("num_train_epochs: nan", "line 2: 'num_train_epochs' must be a finite number, got 'nan'."),
+    ("num_train_epochs: .inf", "line 2: 'num_train_epochs' must be a finite number, got inf."),
+    ("learning_rate: .nan", "line 2: 'learning_rate' must be a finite number, got nan."),
+    ("num_train_epochs: 0", "line 2: 'num_train_epochs' must be positive, got 0.0."),
+    ("lora_alpha: -16", "line 2: 'lora_alpha' must be positive, got -16."),
+    ("save_steps: -1", "line 2: 'save_steps' must be at least 0, got -1."),
+    ("max_grad_norm: -0.5", "line 2: 'max_grad_norm' must be at least 0, got -0.5."),
+    ("top_p: 1.5", "line 2: 'top_p' must be in (0, 1], got 1.5."),
+    ("seed: -3", "line 2: 'seed' must be in [0, 4294967295], got -3."),
+    ("freeze_trainable_layers: 0", "line 2: 'freeze_trainable_layers' must not be 0"),
+])
+def test_numeric_keys_are_finite_and_in_range_with_file_and_line(tmp_path, line, fragment):
+    path = write(tmp_path, "dataset: demo\n" + line + "\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 2: ") and fragment in message and "\n" not in message.strip()
+
+
+def test_num_train_epochs_zero_is_fine_when_max_steps_decides():
+    assert load_config(None, ["num_train_epochs=0", "max_steps=5"]).train.max_steps == 5
+
+
+def test_hints_name_the_right_thing(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_config(None, ["learnin_rate=1"])
+    assert "--keys" in err.value.hint and "did you mean 'learning_rate'" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["ray_num_workers=4"])
+    assert "'ray_num_workers' (training through Ray) is not supported yet" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["ray_num_worker=4"])
+    assert "did you mean 'ray_num_workers'" in str(err.value)
+    load_config(None, ["ray_num_workers=1"])  # LLaMA-Factory's default asks for nothing more
+    with pytest.raises(UserError, match=r"unknown template 'qwen3_nothnk' \(did you mean 'qwen3_nothink'\?\)"):
+        from tunesmith.template import apply_template
+
+        apply_template(object(), "qwen3_nothnk")
+
+
+def test_enable_thinking_is_a_key():
+    assert load_config(None, ["enable_thinking=false"]).model.enable_thinking is False
+    assert load_config(None).model.enable_thinking is True

@@ -159,3 +159,26 @@ def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, r
     # After training the adapters cast their inputs again, so the model runs without autocast.
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen", "masked"])
+def test_loss_weight_scales_a_samples_tokens_and_keeps_the_token_count(layout):
+    """A sample of weight 2 adds exactly what two copies of it add; the count stays one copy's."""
+    a, b, _ = samples()
+    weighted = Sample(a.input_ids, a.labels, 0, [2.0] * len(a.input_ids))
+    plain_b = Sample(b.input_ids, b.labels, 1)
+    from tunesmith.train.attention import choose_layout
+
+    model = tiny_model(True)
+    if layout == "varlen":
+        assert choose_layout(model, packing=False) == "varlen"
+    rows = [[weighted], [plain_b]] if layout != "masked" else [[weighted, plain_b]]
+    batch = collate(rows, 0, layout)
+    assert "loss_weights" in batch
+    loss, count = token_loss(model, batch, chunk=4)
+    twice, twice_count = token_loss(model, collate([[a], [a], [b]], 0, "padded"), chunk=4)
+    assert "loss_weights" not in collate([[a], [b]], 0, layout)  # the unweighted path stays as it was
+    assert torch.allclose(loss, twice, rtol=1e-5)
+    assert count == twice_count - (len(a.input_ids) - len(a.input_ids) // 2)
+    oracle, oracle_count = reference_loss(model, collate([[weighted], [plain_b]], 0, "padded"))
+    assert torch.allclose(loss, oracle, rtol=1e-5) and oracle_count == count

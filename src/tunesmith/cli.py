@@ -57,8 +57,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from tunesmith.api import serve
     from tunesmith.config import load_config
+
+    try:
+        from tunesmith.api import serve
+    except ModuleNotFoundError as exc:
+        raise UserError(f"the API server needs {exc.name}, which is not installed.",
+                        hint="pip install 'tunesmith[api]'") from None
 
     serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
     return 0
@@ -67,7 +72,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_webui(args: argparse.Namespace) -> int:
     from tunesmith.ui import launch
 
-    launch(host=args.host, port=args.port)
+    launch(host=args.host, port=args.port, root=args.root, auth=args.auth)
     return 0
 
 
@@ -142,14 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = add("api", cmd_api, "serve an OpenAI-compatible chat API",
             "OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream or not).\n"
-            "Binds 127.0.0.1:8000 unless told otherwise; set API_KEY to require a Bearer token.")
+            "Binds 127.0.0.1:8000 unless told otherwise; set API_KEY to require a Bearer token.\n"
+            "One generation at a time; API_MAX_QUEUE (default 64) requests may wait, more get 429.\n"
+            "The request schema is at /docs.")
     _add_config_args(p)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, env API_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000, env API_PORT)")
     p = add("webui", cmd_webui, "train, watch, chat and export in the browser",
-            "A web page to configure and launch runs, watch the loss, chat and export.", epilog=None)
+            "A web page to configure and launch runs, watch the loss, chat and export.\n"
+            "It reads and writes only inside --root; off loopback it needs --auth.", epilog=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--root", default=None, help="workspace folder: every path the page reads or writes must lie "
+                                                "inside it (default: the current folder)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="login for the page; required to bind anything but a loopback address "
+                        "(default: env TUNESMITH_WEBUI_AUTH)")
 
     p = add("data", cmd_data, "inspect how datasets are rendered and masked",
             "See exactly what training will see.", epilog=None)

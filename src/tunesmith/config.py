@@ -8,6 +8,7 @@ LLaMA-Factory's, so an existing YAML keeps its meaning.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -48,6 +49,9 @@ class ModelArgs:
                                      "safetensors (loaded with torch.load(weights_only=True)).")
     template: str | None = opt(None, "Chat template: unset/'auto' uses the tokenizer's own; or a named one "
                                "(see `tunesmith data templates`).")
+    enable_thinking: bool = opt(True, "For templates with reasoning (qwen3, or a tokenizer's own that reads "
+                                "enable_thinking): false puts an empty think block in every prompt and trains "
+                                "answers without reasoning, in training, chat, the API and the saved tokenizer.")
     infer_backend: str = opt("huggingface", "Inference engine.", ("huggingface", "vllm", "sglang"))
     attn_implementation: str = opt("auto", "Attention kernel.", ("auto", "eager", "sdpa", "flash_attention_2"))
 
@@ -149,6 +153,9 @@ class ExportArgs:
     export_device: str = opt("cpu", "Device used to merge.", ("cpu", "auto"))
     export_legacy_format: bool = opt(False, "Write .bin shards instead of safetensors.")
     export_dtype: str = opt("auto", "Dtype of the exported weights.", ("auto", "float32", "bfloat16", "float16"))
+    export_gguf: str | None = opt(None, "Also write DIR/model-<type>.gguf (llama.cpp/Ollama, tokenizer and chat "
+                                        "template inside), verified against the merged model.",
+                                  ("f16", "bf16", "q8_0"))
 
 
 @dataclass
@@ -194,7 +201,6 @@ IGNORED_KEYS: dict[str, str] = {
     "use_fast_tokenizer": "fast tokenizers are required",
     "streaming": "datasets are read whole",
     "buffer_size": "datasets are read whole",
-    "enable_thinking": "the template decides",
 }
 
 # LLaMA-Factory features not built: refuse rather than silently train something else.
@@ -220,7 +226,16 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "export_quantization_bit": "quantized export",
     "export_hub_model_id": "pushing to a hub",
     "use_swanlab": "SwanLab logging",
+    "ray_num_workers": "training through Ray",
+    "ray_run_name": "training through Ray",
+    "ray_storage_path": "training through Ray",
+    "ray_init_kwargs": "training through Ray",
+    "resources_per_worker": "training through Ray",
+    "placement_strategy": "training through Ray",
 }
+# Values of an unsupported key that ask for nothing beyond what is built (LLaMA-Factory's defaults).
+UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {"ray_num_workers": (1,), "placement_strategy": ("PACK",),
+                                                    "resources_per_worker": ({"GPU": 1},)}
 
 
 @dataclass
@@ -260,6 +275,7 @@ def schema() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 _SCHEMA = schema()
+_KNOWN_NAMES = [*_SCHEMA, *UNSUPPORTED_KEYS, *IGNORED_KEYS]  # what a misspelt key may have meant
 
 
 @dataclass(frozen=True)
@@ -316,13 +332,16 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             number = float(value)
-            if not number.is_integer():
+            if not math.isfinite(number) or not number.is_integer():
                 raise ValueError
             return int(number)
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}.")
+            return number
         if base is str:
             if isinstance(value, list | tuple | dict):
                 raise ValueError
@@ -414,20 +433,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     cli = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
 
     cfg = RunConfig(source=source)
+    origins: dict[str, str] = {}
     for origin, mapping in (("file", raw), ("cli", cli)):
         for key, value in mapping.items():
             key = str(key)
             where = (f"{source}, line {lines[key]}" if key in lines else str(source)) if origin == "file" else "command line"
             if key in UNSUPPORTED_KEYS:
-                if value in (None, False, 0, "none", "None"):
+                if value in (None, False, 0, "none", "None") or \
+                        (not isinstance(value, bool) and value in UNSUPPORTED_DEFAULTS.get(key, ())):
                     continue
                 raise UserError(f"{where}: '{key}' ({UNSUPPORTED_KEYS[key]}) is not supported yet.",
                                 hint=f"remove '{key}' to train without it.")
             if key in IGNORED_KEYS:
                 continue
             if key not in _SCHEMA:
-                raise UserError(f"{where}: unknown key '{key}'{did_you_mean(key, list(_SCHEMA))}.",
-                                hint="`tunesmith train --help` lists every key.")
+                raise UserError(f"{where}: unknown key '{key}'{did_you_mean(key, _KNOWN_NAMES)}.",
+                                hint="`tunesmith train --keys` lists every key.")
             group, _ = _SCHEMA[key]
             value = _coerce(key, value, where)
             if key == "stage" and value in ("pt", "rm", "ppo", "dpo", "kto"):
@@ -435,40 +456,64 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             _check_choice(key, value, where)
             setattr(getattr(cfg, group), key, value)
             cfg.given = cfg.given | {key}
-    _validate(cfg)
+            origins[key] = where
+    _validate(cfg, origins)
     return cfg
 
 
-def _validate(cfg: RunConfig) -> None:
-    """Cross-field rules and ranges, each naming its key."""
+# key -> (lowest, highest, whether lowest itself is allowed, whether highest is); None = no bound.
+# Optional keys are checked only when set. Every float is also finite (checked when read).
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "cutoff_len": (1, None, True, True), "max_samples": (1, None, True, True), "val_size": (0, None, True, True),
+    "preprocessing_num_workers": (1, None, True, True), "dataloader_num_workers": (0, None, True, True),
+    "lora_rank": (1, None, True, True), "lora_alpha": (0, None, False, True), "lora_dropout": (0, 1, True, False),
+    "per_device_train_batch_size": (1, None, True, True), "per_device_eval_batch_size": (1, None, True, True),
+    "gradient_accumulation_steps": (1, None, True, True), "num_train_epochs": (0, None, False, True),
+    "max_steps": (-1, None, True, True), "learning_rate": (0, None, False, True), "warmup_ratio": (0, 1, True, False),
+    "warmup_steps": (0, None, True, True), "weight_decay": (0, None, True, True), "adam_beta1": (0, 1, True, False),
+    "adam_beta2": (0, 1, True, False), "adam_epsilon": (0, None, False, True), "max_grad_norm": (0, None, True, True),
+    "seed": (0, 2**32 - 1, True, True), "logging_steps": (1, None, True, True), "save_steps": (0, None, True, True),
+    "save_total_limit": (1, None, True, True), "eval_steps": (1, None, True, True), "ddp_timeout": (1, None, True, True),
+    "max_skipped_steps": (1, None, True, True), "export_size": (0, None, False, True),
+    "temperature": (0, None, True, True), "top_p": (0, 1, False, True), "top_k": (0, None, True, True),
+    "max_new_tokens": (1, None, True, True), "repetition_penalty": (0, None, False, True),
+}
+
+
+def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return "positive" if low == 0 and not low_in else f"{'at least' if low_in else 'greater than'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
+    """Ranges and cross-field rules, each naming its key and where it was set (file and line)."""
+    origins = origins or {}
     where = cfg.source or "config"
     d, t, f = cfg.data, cfg.train, cfg.finetune
-    positive = {
-        "cutoff_len": d.cutoff_len,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "per_device_eval_batch_size": t.per_device_eval_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "lora_rank": f.lora_rank,
-        "logging_steps": t.logging_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{where}: '{key}' must be at least 1, got {value}.")
-    if d.val_size < 0:
-        raise UserError(f"{where}: 'val_size' must be a share in [0, 1) or a row count >= 1, got {d.val_size}.")
-    if t.learning_rate <= 0:
-        raise UserError(f"{where}: 'learning_rate' must be positive, got {t.learning_rate}.")
-    if not 0 <= t.warmup_ratio < 1:
-        raise UserError(f"{where}: 'warmup_ratio' must be in [0, 1), got {t.warmup_ratio}.")
-    if not 0 <= f.lora_dropout < 1:
-        raise UserError(f"{where}: 'lora_dropout' must be in [0, 1), got {f.lora_dropout}.")
+    flat = cfg.to_flat()
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = flat[key]
+        if value is None or (key == "num_train_epochs" and t.max_steps > 0):  # max_steps decides then
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{origins.get(key, where)}: '{key}' must be a finite number, got {value}.")
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high:
+            raise UserError(f"{origins.get(key, where)}: '{key}' must be {_range_text(low, high, low_in, high_in)}, "
+                            f"got {value}.")
+    if f.freeze_trainable_layers == 0:
+        raise UserError(f"{origins.get('freeze_trainable_layers', where)}: 'freeze_trainable_layers' must not be 0 "
+                        "(N > 0 trains the last N layers, N < 0 the first N).")
+    if d.val_size >= 1 and not float(d.val_size).is_integer():
+        raise UserError(f"{origins.get('val_size', where)}: 'val_size' must be a share in [0, 1) or a row count "
+                        f">= 1, got {d.val_size}.")
     if d.packing_contamination and d.neat_packing:
         raise UserError(f"{where}: 'neat_packing: true' keeps packed samples apart and 'packing_contamination: "
                         "true' lets them attend to each other; choose one.")
     if t.bf16 and t.fp16:
         raise UserError(f"{where}: 'bf16' and 'fp16' are both true; choose one.")
-    if cfg.export.export_size <= 0:
-        raise UserError(f"{where}: 'export_size' must be positive (GB), got {cfg.export.export_size}.")
     if t.eval_steps is None:
         t.eval_steps = t.logging_steps
     if f.lora_alpha is None:

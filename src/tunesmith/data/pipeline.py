@@ -33,7 +33,7 @@ from tunesmith.files import replace_folder
 from tunesmith.template import Conversation
 
 # Bump when encode()/the stored format changes, so old caches are not reused.
-TOKENIZE_VERSION = "1"
+TOKENIZE_VERSION = "2"
 # Encoding costs about 0.5 ms a row in one process; a forked pool costs about 0.3-0.8 s to start and
 # to ship results back, so below this many rows one process is faster.
 MIN_ROWS_FOR_WORKERS = 2000
@@ -250,7 +250,7 @@ def cache_key(cfg: RunConfig, tokenizer: Any, train_data: str, eval_data: str) -
         "tokenizer": tokenizer_fingerprint(tokenizer), "template": cfg.model.template,
         "cutoff_len": d.cutoff_len, "train_on_prompt": d.train_on_prompt, "mask_history": d.mask_history,
         "max_samples": d.max_samples, "val_size": d.val_size, "seed": cfg.train.seed,
-        "skip_invalid": d.skip_invalid,
+        "skip_invalid": d.skip_invalid, "default_system": cfg.generate.default_system,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -277,7 +277,12 @@ def save_tokenized(folder: Path, data: TokenizedData) -> None:
                     names.append(s.source[0])
             src = np.array([(names.index(s.source[0]), s.source[1], int(s.truncated)) for s in samples],
                            dtype=np.int64).reshape(-1, 3)
-            np.savez(tmp / f"{split}.npz", ids=ids, trained=trained, offsets=offsets, source=src)
+            arrays = {"ids": ids, "trained": trained, "offsets": offsets, "source": src}
+            if any(s.weights is not None for s in samples):  # only runs that set loss_weight store weights
+                arrays["weights"] = np.fromiter((w for s in samples for w in (s.weights or [1.0] * len(s.input_ids))),
+                                                dtype=np.float32, count=int(offsets[-1]))
+                arrays["weighted"] = np.array([s.weights is not None for s in samples], dtype=np.bool_)
+            np.savez(tmp / f"{split}.npz", **arrays)
         meta = {"key": data.key, "version": TOKENIZE_VERSION, "datasets": names,
                 "report": {"train": asdict(data.report.train), "eval": asdict(data.report.eval),
                            "seconds": data.report.seconds}}
@@ -296,12 +301,15 @@ def load_tokenized(folder: Path) -> TokenizedData:
         for split in ("train", "eval"):
             with np.load(folder / f"{split}.npz") as z:
                 ids, trained, offsets, src = z["ids"], z["trained"], z["offsets"], z["source"]
+                weights = z["weights"].tolist() if "weights" in z else None
+                weighted = z["weighted"].tolist() if "weighted" in z else None
             labels = np.where(trained, ids, IGNORE_INDEX)
             ids_list, labels_list, offs = ids.tolist(), labels.tolist(), offsets.tolist()
             names = meta["datasets"]
             splits[split] = [
                 Encoded(input_ids=ids_list[offs[i] : offs[i + 1]], labels=labels_list[offs[i] : offs[i + 1]],
-                        source=(names[int(src[i, 0])], int(src[i, 1])), truncated=bool(src[i, 2]))
+                        source=(names[int(src[i, 0])], int(src[i, 1])), truncated=bool(src[i, 2]),
+                        weights=weights[offs[i] : offs[i + 1]] if weighted and weighted[i] else None)
                 for i in range(len(offs) - 1)
             ]
     except (OSError, KeyError, ValueError, IndexError) as exc:
@@ -322,10 +330,16 @@ def _names(value: list[str] | None) -> list[str]:
 
 def _load_conversations(names: list[str], cfg: RunConfig) -> list[Conversation]:
     from tunesmith.data.formats import load_conversations
+    from tunesmith.template import with_system
 
     d = cfg.data
-    return load_conversations(",".join(names), d.dataset_dir, max_samples=d.max_samples,
-                              skip_invalid=d.skip_invalid, seed=cfg.train.seed)
+    convs = load_conversations(",".join(names), d.dataset_dir, max_samples=d.max_samples,
+                               skip_invalid=d.skip_invalid, seed=cfg.train.seed)
+    system = cfg.generate.default_system
+    if system:  # the system-prompt rule chat and the API follow (template.with_system)
+        for conv in convs:
+            conv.messages = with_system(conv.messages, system)
+    return convs
 
 
 def _say(message: str) -> None:
@@ -422,14 +436,33 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
-def format_sample(sample: Encoded, tokenizer: Any, *, color: bool) -> str:
-    """The sample's text with its trained runs marked: green on a terminal, else [[...]]."""
+MERGE_MARK = "\u2016"  # ‖
+
+
+def merged_boundaries(conv: Conversation, tokenizer: Any) -> set[int]:
+    """Token positions of the piece boundaries (prompt | answer) that tokenizing the whole text at
+    once would not cut: there one token would span the end of the prompt and the start of the answer."""
+    from tunesmith.data.encode import token_starts
+    from tunesmith.template import encode_segments
+
+    seg = encode_segments(conv, tokenizer)
+    whole = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = set(token_starts(seg.text, list(whole["input_ids"]), whole["offset_mapping"], tokenizer))
+    return {first for first, _, _, char, _ in seg.pieces[1:] if char not in starts}
+
+
+def format_sample(sample: Encoded, tokenizer: Any, *, color: bool, marks: set[int] | None = None) -> str:
+    """The sample's text with its trained runs marked: green on a terminal, else [[...]]; a merged
+    boundary (see `merged_boundaries`) shows as MERGE_MARK."""
     out: list[str] = []
+    marks = marks or set()
     i, n = 0, len(sample.input_ids)
     while i < n:
+        if i in marks:
+            out.append(MERGE_MARK)
         trained = sample.labels[i] != IGNORE_INDEX
         j = i
-        while j < n and (sample.labels[j] != IGNORE_INDEX) == trained:
+        while j < n and (sample.labels[j] != IGNORE_INDEX) == trained and (j == i or j not in marks):
             j += 1
         piece = tokenizer.decode(sample.input_ids[i:j], skip_special_tokens=False,
                                  clean_up_tokenization_spaces=False)
@@ -449,7 +482,7 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
     if not _names(cfg.data.dataset):
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; nothing to preview.")
     convs = _load_conversations(_names(cfg.data.dataset), cfg)
-    shown = 0
+    shown = merged = 0
     for conv in convs:
         if shown >= n:
             break
@@ -461,10 +494,16 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
             cut = ", truncated to cutoff_len" if result.truncated else ""
             print(f"=== {name} row {row}: {len(result.input_ids)} tokens, {result.trained_tokens} trained{cut} ===",
                   file=file)
-            print(format_sample(result, tokenizer, color=color), file=file)
+            marks = merged_boundaries(conv, tokenizer)
+            merged += bool(marks)
+            print(format_sample(result, tokenizer, color=color, marks=marks), file=file)
         shown += 1
     legend = "green = trained" if color else "[[...]] = trained"
     print(f"({shown} of {len(convs)} rows; {legend}; labels are -100 elsewhere)", file=file)
+    if merged:
+        print(f"{MERGE_MARK} = a prompt/answer boundary where tokenizing the whole text at once would merge the "
+              f"two sides into one token; each side is tokenized alone, as inference feeds the prompt "
+              f"({merged} of {shown} rows).", file=file)
 
 
 def dump(cfg: RunConfig, tokenizer: Any, out_path: str | Path) -> int:

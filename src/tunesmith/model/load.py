@@ -90,7 +90,7 @@ def load_tokenizer(model_args: ModelArgs) -> PreTrainedTokenizerBase:
                         "(tokenizer.json), whose character offsets give exact label masks.",
                         hint="install the `tokenizers` and `sentencepiece` packages so it can be converted, or "
                              "add a tokenizer.json to the folder.")
-    apply_template(tokenizer, model_args.template)
+    apply_template(tokenizer, model_args.template, enable_thinking=model_args.enable_thinking)
     if tokenizer.pad_token is None:
         # Padded positions are masked out of attention and loss, so any existing token serves.
         fallback = tokenizer.eos_token or tokenizer.unk_token

@@ -85,7 +85,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _to_samples(encoded: list[Any]) -> list[Sample]:
-    return [Sample(e.input_ids, e.labels, i) for i, e in enumerate(encoded)]
+    return [Sample(e.input_ids, e.labels, i, e.weights) for i, e in enumerate(encoded)]
 
 
 class MicroBatches(torch.utils.data.Dataset):
