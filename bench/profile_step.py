@@ -2,8 +2,8 @@
 
     python bench/profile_step.py [--variants padded,varlen,...] [--steps 4] [--rows 40] [--profile VARIANT]
 
-The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca_en_demo,
-cutoff 512, 4 samples per step), run in one process so that variants alternate step by step and
+The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca rows from
+data/alpaca_demo.json or `--data FILE`, cutoff 512, 4 samples per step), run in one process so that variants alternate step by step and
 share the machine's conditions. A variant is `layout[+precision][+option]`:
 
     layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from workload_data import ALPACA_DEMO, alpaca_rows, write_alpaca_dataset
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true", help="--profile: one row per op and input shape")
     parser.add_argument("--rows-shown", type=int, default=30, help="--profile: rows of the table")
     parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
-    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--data", type=Path, default=ALPACA_DEMO, help="alpaca JSON file the rows come from")
     args = parser.parse_args()
 
     import torch
@@ -65,7 +66,9 @@ def main() -> None:
         flush_denormals()  # as training does
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(None, {"dataset": "alpaca_en_demo", "dataset_dir": args.data, "max_samples": args.rows,
+    data_dir = write_alpaca_dataset(Path(tempfile.mkdtemp(prefix="tunesmith-profile-data-")), "alpaca_bench",
+                                    alpaca_rows(args.rows, args.data))
+    cfg = load_config(None, {"dataset": "alpaca_bench", "dataset_dir": str(data_dir),
                              "cutoff_len": args.cutoff, "output_dir": "/tmp/tunesmith-profile",
                              "preprocessing_num_workers": 1, "lora_target": "all", "lora_rank": 8})
     tokenizer = load_tokenizer(cfg.model)

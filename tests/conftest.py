@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+REPO_DATA = REPO / "data"  # the datasets the repository carries (data/README.md)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -53,10 +53,9 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 
 @pytest.fixture()
-def shared_data() -> Path:
-    if not (SHARED_DATA / "dataset_info.json").exists():
-        pytest.skip("shared data folder not found next to the repository")
-    return SHARED_DATA
+def repo_data() -> Path:
+    """The repository's data/ folder; tests read it and never write there."""
+    return REPO_DATA
 
 
 def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:

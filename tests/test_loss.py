@@ -120,7 +120,7 @@ def test_flop_count_follows_the_formula():
     assert lora.step_flops(10, 4, 0) == (4 * (2 * per_layer + adapters) + 2 * adapters) * 10 + 4 * 211 * 32 * 4
 
 
-def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, shared_data):
+def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, repo_data):
     """bf16 LoRA: frozen base stored in bf16, adapters and their optimizer state in fp32, losses
     close to the fp32 run's."""
     import json
@@ -133,7 +133,7 @@ def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, s
 
     if not bf16_supported("cpu"):
         pytest.skip("this CPU has no native bf16")
-    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:12]
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:12]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.json").write_text(json.dumps(data))
     (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))

@@ -158,8 +158,8 @@ def tiny_runner(tmp_path, tiny_model_dir, rows: list[dict], **common: object):
     return run
 
 
-def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shared_data):
-    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
+def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, repo_data):
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:24]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=96, max_steps=4, train_on_prompt=True)
 
     padded = run("padded", attn_implementation="eager")  # eager has no varlen kernel: padded batches
@@ -351,8 +351,8 @@ def test_concat_rows_fit_and_hold_every_sample_once(trial):
     assert counts == {i + 5: lengths[i] for i in range(n)}  # every token of every sample, once
 
 
-def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, shared_data, capsys):
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:12]
+def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, repo_data, capsys):
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:12]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=192, max_steps=2, shuffle=False)
 
     clean = run("clean", packing=True)

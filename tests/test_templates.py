@@ -414,8 +414,8 @@ def test_tool_conversation_with_default_model_template(tokenizer):
     assert text.startswith(prompt) and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_glaive_demo_row_renders_with_default_model_template(tokenizer, shared_data):
-    row = json.loads((shared_data / "glaive_toolcall_en_demo.json").read_text())[0]
+def test_sharegpt_tool_call_row_renders_with_default_model_template(tokenizer, repo_data):
+    row = json.loads((repo_data / "toolcall_sharegpt.json").read_text(encoding="utf-8"))[0]
     roles = {"human": "user", "gpt": "assistant", "observation": "tool"}
     messages = []
     for turn in row["conversations"]:
@@ -428,7 +428,7 @@ def test_glaive_demo_row_renders_with_default_model_template(tokenizer, shared_d
     text, spans = render_with_spans(Conversation(messages, row["tools"]), tokenizer)  # tools as the JSON string
     trained = [text[a:b] for a, b in spans]
     assert sum(1 for m in messages if m["role"] == "assistant") == len(spans)
-    assert any(t.startswith('{"name": "search_recipes", "arguments": {"ingredients": [') for t in trained)
+    assert any(t.startswith('{"name": "get_weather", "arguments": {"city": "Lisbon"}') for t in trained)
     observation = next(t["value"] for t in row["conversations"] if t["from"] == "observation")
     at = text.index(observation)
     assert not _overlaps(spans, at, at + len(observation))

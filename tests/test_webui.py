@@ -174,11 +174,11 @@ def _dataset_dir(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
-def test_train_watch_chat_export_in_the_browser(page, tmp_path, default_model_dir, shared_data):
+def test_train_watch_chat_export_in_the_browser(page, tmp_path, default_model_dir, repo_data):
     from tunesmith.ui.runs import CONSOLE_FILE
 
     model_dir = build_tiny_model(tmp_path / "tiny", default_model_dir)
-    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(shared_data / "identity.json")})
+    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(repo_data / "identity.json")})
     run_dir = tmp_path / "run"
 
     # --- Train: model, data (with its preview), hyper-parameters, output folder
@@ -333,12 +333,12 @@ def test_invalid_dataset_error_shows_in_the_page(page, tmp_path, default_model_d
     assert printed in shown, shown
 
 
-def test_stop_asks_the_run_for_a_clean_stop(tmp_path, default_model_dir, shared_data):
+def test_stop_asks_the_run_for_a_clean_stop(tmp_path, default_model_dir, repo_data):
     """Stop sends SIGINT to `tunesmith train`; the run ends non-zero and a fresh server reads the same state."""
     from tunesmith.ui.runs import RunManager
 
     model_dir = build_tiny_model(tmp_path / "tiny", default_model_dir)
-    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(shared_data / "identity.json")})
+    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(repo_data / "identity.json")})
     config = (f"model_name_or_path: {model_dir}\ndataset: identity\ndataset_dir: {data_dir}\n"
               f"output_dir: {tmp_path / 'run'}\nmax_steps: 100000\nlogging_steps: 1\nsave_steps: 0\n"
               "cutoff_len: 128\nmax_samples: 8\n")
