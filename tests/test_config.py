@@ -89,7 +89,7 @@ def test_bad_choice_lists_allowed_values():
     ("quantization_bit: 4", "'quantization_bit' (quantized (QLoRA) training) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
     ("use_dora: true", "DoRA"),
-    ("report_to: wandb", "not supported yet"),
+    ("report_to: swanlab", "not supported yet"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:

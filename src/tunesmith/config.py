@@ -112,7 +112,9 @@ class TrainArgs:
     save_only_model: bool = opt(False, "Checkpoints hold weights only (no optimizer state: not resumable).")
     eval_strategy: str = opt("no", "When to evaluate during training.", ("no", "steps", "epoch"))
     eval_steps: int | None = opt(None, "Evaluate every N steps (default: logging_steps).")
-    report_to: str = opt("none", "Loggers: none, tensorboard, all (comma separated).")
+    report_to: str = opt("none", "Loggers: none, tensorboard, mlflow, wandb, all (= tensorboard); comma separated. "
+                         "mlflow/wandb need pip install 'tunesmith[trackers]' and follow MLFLOW_TRACKING_URI, "
+                         "WANDB_MODE, WANDB_PROJECT.")
     plot_loss: bool = opt(False, "Write training_loss.png with the train and eval curves.")
     ddp_timeout: int = opt(1800, "Seconds before a distributed collective times out.")
     deepspeed: str | None = opt(None, "DeepSpeed ZeRO config JSON, e.g. examples/deepspeed/ds_z3_config.json "
@@ -401,9 +403,10 @@ def _validate(cfg: RunConfig) -> None:
     reports = {r.strip() for r in t.report_to.split(",") if r.strip()}
     unknown = reports - {"none", "tensorboard", "all", "wandb", "mlflow", "swanlab"}
     if unknown:
-        raise UserError(f"{where}: 'report_to' has {sorted(unknown)}; allowed: none, tensorboard, all.")
-    if reports & {"wandb", "mlflow", "swanlab"}:
-        raise UserError(f"{where}: 'report_to: {t.report_to}' is not supported yet; use tensorboard or none.")
+        raise UserError(f"{where}: 'report_to' has {sorted(unknown)}; allowed: none, tensorboard, mlflow, wandb, "
+                        "all.")
+    if "swanlab" in reports:
+        raise UserError(f"{where}: 'report_to: swanlab' is not supported yet; use tensorboard, mlflow, wandb or none.")
 
 
 def help_table() -> str:

@@ -37,6 +37,7 @@ from tunesmith.train.flops import flop_counts
 from tunesmith.train.kernels import cpu_row_multiple, set_training_forwards
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
+from tunesmith.train.trackers import open_trackers
 
 
 @dataclass
@@ -294,7 +295,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
                   file=sys.stderr)
     reports = {r.strip() for r in t.report_to.split(",")}
     log = RunLog(out, total_steps=plan.total_steps, start_step=start_step,
-                 tensorboard=bool(reports & {"tensorboard", "all"})) if main else None
+                 tensorboard=bool(reports & {"tensorboard", "all"}),
+                 trackers=open_trackers(t.report_to, cfg.to_flat(), out)) if main else None
 
     # --- loop ---
     module.train()
@@ -363,6 +365,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
                 _save_checkpoint(module, optimizer, scheduler, tokenizer, out, done, plan, cfg, accelerator, step_guard)
             if main:
                 log.close()
+                log.finish_trackers(None, status="KILLED")
             raise guard.interrupted(step_guard.stop_signal, done, plan.total_steps, out / f"checkpoint-{done}", cfg)
         step_started = time.time()
 
@@ -387,6 +390,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
         if t.plot_loss:
             plot_loss(out)
+        log.finish_trackers(results)
         print(f"Saved the trained {'adapter' if cfg.finetune.finetuning_type == 'lora' else 'model'} to {out}",
               file=sys.stderr)
     accelerator.wait_for_everyone()
