@@ -73,6 +73,8 @@ class DataArgs:
 class FinetuneArgs:
     stage: str = opt("sft", "Training stage. Only supervised fine-tuning is built.", ("sft",))
     do_train: bool = opt(True, "Run training.")
+    do_predict: bool = opt(False, "After training (or instead, with do_train: false): answer every sample of "
+                           "eval_dataset and score the answers (BLEU-4, ROUGE); same as `tunesmith eval`.")
     finetuning_type: str = opt("lora", "What is trained.", ("lora", "freeze", "full"))
     lora_target: str = opt("all", "'all' = every linear layer but the output head, or module names, comma separated.")
     lora_rank: int = opt(8, "LoRA rank r.")
@@ -143,6 +145,8 @@ class GenerateArgs:
     max_new_tokens: int = opt(512, "Most tokens generated per reply.")
     repetition_penalty: float = opt(1.0, "Penalty on tokens already generated (1 = none).")
     default_system: str | None = opt(None, "System prompt used when the conversation has none.")
+    predict_with_generate: bool = opt(False, "With do_predict: score generated answers (the only way tunesmith "
+                                      "predicts; decoding is greedy).")
 
 
 GROUPS: dict[str, type] = {
@@ -400,6 +404,8 @@ def _validate(cfg: RunConfig) -> None:
         f.lora_alpha = 2 * f.lora_rank
     if cfg.model.template in ("", "auto"):
         cfg.model.template = None
+    if f.do_predict and not cfg.generate.predict_with_generate:
+        raise UserError(f"{where}: 'do_predict: true' scores generated answers; set 'predict_with_generate: true'.")
     reports = {r.strip() for r in t.report_to.split(",") if r.strip()}
     unknown = reports - {"none", "tensorboard", "all", "wandb", "mlflow", "swanlab"}
     if unknown:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
-from tunesmith.export import end_of_turn_ids, load_source, locate_source
+from tunesmith.export import ModelSource, end_of_turn_ids, load_source, locate_source
 from tunesmith.template import render, stop_strings
 
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample")
@@ -95,12 +95,13 @@ class _StopTrimmer:
 class ChatEngine:
     """A model and its tokenizer, loaded once; one generation at a time (a lock queues the rest)."""
 
-    def __init__(self, cfg: RunConfig, *, device: str | None = None, dtype: Any = None) -> None:
+    def __init__(self, cfg: RunConfig, *, device: str | None = None, dtype: Any = None,
+                 source: ModelSource | None = None) -> None:
         check_backend(cfg)
         self.cfg = cfg
         auto_device, auto_dtype = _device_and_dtype()
         self.device = device or auto_device
-        self.source = locate_source(cfg)
+        self.source = source or locate_source(cfg)  # `source`: other weights than the config names (a base)
         self.model, self.tokenizer = load_source(self.source, dtype=dtype or auto_dtype, device=self.device)
         self.description = self.source.description
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
