@@ -172,3 +172,30 @@ def test_compare_base_without_a_trained_model_is_refused(tiny_model_dir, tmp_pat
                              "dataset": "x"})
     with pytest.raises(UserError, match="no trained model to compare with"):
         run_eval(cfg, compare_base=True)
+
+
+@pytest.mark.slow
+def test_webui_evaluate_tab_runs_the_command_and_shows_its_metrics(trained_run, tmp_path):
+    pytest.importorskip("gradio")
+    from tunesmith.ui.app import WebUI, build_app
+    from tunesmith.ui.evaluate_tab import run_eval
+
+    cfg_path, data = trained_run
+    run = yaml.safe_load(cfg_path.read_text())
+    ui = WebUI(tmp_path / "work")
+    build_app(ui)  # the page builds with the tab in it
+    settings = {"model_name_or_path": run["model_name_or_path"], "output_dir": run["output_dir"],
+                "dataset_dir": str(data), "eval_dataset": "mixed", "max_samples": "2", "max_new_tokens": 6.0,
+                "per_device_eval_batch_size": 2}
+    *_, (console, shown) = run_eval(ui.work_dir, settings, compare_base=True)
+    folder = next((tmp_path / "work").glob("eval-*"))
+    trained = json.loads((folder / "predict_results.json").read_text())
+    base = json.loads((folder / "predict_results_base.json").read_text())
+    assert trained["predict_samples"] == base["predict_samples"] == 2
+    row = next(line for line in shown.splitlines() if line.startswith("| rouge-l |"))
+    assert row == f"| rouge-l | {trained['predict_rouge-l']:.2f} | {base['predict_rouge-l']:.2f} |"
+    assert "trained adapter" in shown and "base model" in shown, console
+
+    broken = dict(settings, eval_dataset="missing")
+    *_, (console, shown) = run_eval(ui.work_dir, broken, compare_base=False)
+    assert "missing" in shown and shown.startswith("```text\nerror:"), console
