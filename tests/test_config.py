@@ -103,6 +103,7 @@ def test_bad_choice_lists_allowed_values():
     ("quantization_bit: 4", "'quantization_bit' (quantized (QLoRA) training) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
     ("use_dora: true", "DoRA"),
+    ("report_to: swanlab", "'report_to' is 'swanlab'; allowed: none, tensorboard, mlflow, wandb, all"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:

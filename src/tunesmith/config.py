@@ -90,6 +90,8 @@ class DataArgs:
 class FinetuneArgs:
     stage: str = opt("sft", "Training stage. Only supervised fine-tuning is built.", ("sft",))
     do_train: bool = opt(True, "Run training.")
+    do_predict: bool = opt(False, "After training (or instead, with do_train: false): answer every sample of "
+                           "eval_dataset and score the answers (BLEU-4, ROUGE); same as `tunesmith eval`.")
     finetuning_type: str = opt("lora", "What is trained.", ("lora", "freeze", "full"))
     lora_target: list[str] = opt(["all"], "'all' = every linear layer but the output head, or module names (a "
                                  "list, or comma separated).")
@@ -134,8 +136,10 @@ class TrainArgs:
     save_only_model: bool = opt(False, "Checkpoints hold weights only (no optimizer state: not resumable).")
     eval_strategy: str = opt("no", "When to evaluate during training.", ("no", "steps", "epoch"))
     eval_steps: int | None = opt(None, "Evaluate every N steps (default: logging_steps).")
-    report_to: list[str] = opt(["none"], "Loggers: none, tensorboard, all (a list, or comma separated).",
-                               ("none", "tensorboard", "all"))
+    report_to: list[str] = opt(["none"], "Loggers: none, tensorboard, mlflow, wandb, all (= tensorboard); a list "
+                               "or comma separated. mlflow/wandb need pip install 'tunesmith[trackers]' and follow "
+                               "MLFLOW_TRACKING_URI, WANDB_MODE, WANDB_PROJECT.",
+                               ("none", "tensorboard", "mlflow", "wandb", "all"))
     plot_loss: bool = opt(False, "Write training_loss.png with the train and eval curves.")
     ddp_timeout: int = opt(1800, "Seconds before a distributed collective times out.")
     deepspeed: str | None = opt(None, "DeepSpeed ZeRO config JSON, e.g. examples/deepspeed/ds_z3_config.json "
@@ -167,6 +171,8 @@ class GenerateArgs:
     max_new_tokens: int = opt(512, "Most tokens generated per reply.")
     repetition_penalty: float = opt(1.0, "Penalty on tokens already generated (1 = none).")
     default_system: str | None = opt(None, "System prompt used when the conversation has none.")
+    predict_with_generate: bool = opt(False, "With do_predict: score generated answers (the only way tunesmith "
+                                      "predicts; decoding is greedy).")
 
 
 # Keys whose change alters what a resumed run computes: a resume compares them with the checkpoint's.
@@ -522,6 +528,8 @@ def _validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
         cfg.model.template = None
     if not f.lora_target:
         raise UserError(f"{where}: 'lora_target' is empty; use 'all' or module names such as [q_proj, v_proj].")
+    if f.do_predict and not cfg.generate.predict_with_generate:
+        raise UserError(f"{where}: 'do_predict: true' scores generated answers; set 'predict_with_generate: true'.")
 
 
 def help_table() -> str:

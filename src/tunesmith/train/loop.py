@@ -40,6 +40,7 @@ from tunesmith.train.kernels import cpu_row_multiple
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 from tunesmith.train.model_changes import training_changes
+from tunesmith.train.trackers import open_trackers
 
 
 @dataclass
@@ -317,7 +318,8 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
         cfg.dump_yaml(setup.out / "config.yaml")
         _announce(setup, plan, layout)
         log = RunLog(setup.out, total_steps=plan.total_steps, start_step=start_step,
-                     tensorboard=bool(set(t.report_to) & {"tensorboard", "all"}))
+                     tensorboard=bool(set(t.report_to) & {"tensorboard", "all"}),
+                     trackers=open_trackers(t.report_to, cfg.to_flat(), setup.out))
     keep_grads = _allocate_grads(module, accelerator)
     return Trainer(setup, layout, module, optimizer, scheduler, plan, start_step, step_guard, log,
                    StepMeter(accelerator.num_processes, flops), keep_grads)
@@ -493,6 +495,7 @@ def _after_step(trainer: Trainer, done: int, eval_loss: float | None) -> float |
             _save_checkpoint(trainer, done)
         if setup.main:
             trainer.log.close()
+            trainer.log.finish_trackers(None, status="KILLED")
         raise guard.interrupted(stop, done, last, setup.out / f"checkpoint-{done}", setup.cfg)
     return eval_loss
 
@@ -512,6 +515,7 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
         (setup.out / "train_results.json").write_text(json.dumps(results, indent=2))
         if setup.cfg.train.plot_loss:
             plot_loss(setup.out)
+        trainer.log.finish_trackers(results)
         kind = "adapter" if setup.cfg.finetune.finetuning_type == "lora" else "model"
         print(f"Saved the trained {kind} to {setup.out}", file=sys.stderr)
     accelerator.wait_for_everyone()

@@ -20,6 +20,7 @@ from tunesmith.config import DEFAULT_MODEL, load_config
 from tunesmith.errors import UserError
 from tunesmith.loading import settings_for, source_from_folder
 from tunesmith.ui import form
+from tunesmith.ui.evaluate_tab import build_evaluate_tab
 from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text
 from tunesmith.ui.workspace import Workspace
 
@@ -383,6 +384,8 @@ def build_app(ui: WebUI | None = None) -> Any:
                 export_result = gr.Markdown(elem_id="export-result", elem_classes="wrap-code")
                 export_log = gr.Textbox(label="console", lines=10, max_lines=10, autoscroll=True,
                                         interactive=False, elem_id="export-log")
+            # ---------------------------------------------------------------- Evaluate
+            build_evaluate_tab(ui.work_dir, ui.no_run_dir, templates)
         timer = gr.Timer(1.0)
 
         form_inputs = [widgets[k] for k in FORM_KEYS]
