@@ -371,7 +371,9 @@ def accelerator_kwargs(cfg: Any, device: torch.device, mixed: str) -> dict[str, 
         plugin_kwargs = deepspeed_plugin_kwargs(cfg, launched_world_size())
         # Weights load on each rank and are partitioned when the engine starts (see README).
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(**plugin_kwargs, zero3_init_flag=False)
-        kwargs["cpu"] = False  # accelerate drops DeepSpeed when told cpu=True
+        if device.type == "cpu":  # accelerate drops DeepSpeed when told cpu=True, and has no CPU backend for it
+            kwargs["cpu"] = False
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=t.ddp_timeout))]
         kwargs["gradient_accumulation_steps"] = plugin_kwargs["gradient_accumulation_steps"]
     elif fsdp_path:
         if device.type != "cuda":
