@@ -254,3 +254,19 @@ def test_disk_estimate_counts_zero3_partitioned_parameters():
     expected = 32 * 16 * (4 + ADAM_BYTES_PER_PARAM)
     assert checkpoint_bytes(whole, cfg, 0) - 64 * 1024 == expected
     assert checkpoint_bytes(partitioned, cfg, 0) - 64 * 1024 == expected
+
+
+def test_flash_attention_is_accepted_where_cuda_exists_though_the_load_is_on_the_cpu(monkeypatch):
+    """DeepSpeed and FSDP runs load the weights on the CPU; flash attention must not be refused
+    for that when the run trains on GPUs. (flash-attn and CUDA are absent here, so both are faked.)"""
+    from tunesmith.errors import UserError
+    from tunesmith.model import load
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(load.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load._attention_choice("flash_attention_2", torch.device("cpu")) == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="runs on CUDA GPUs only"):
+        load._attention_choice("flash_attention_2", torch.device("cpu"))
