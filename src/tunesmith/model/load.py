@@ -126,6 +126,8 @@ def _check_weight_files(folder: Path, allow_pickle: bool = False) -> bool:
 
 def _attention_choice(requested: str, device: torch.device) -> str | None:
     """'auto' leaves the choice to transformers (sdpa, eager where a model lacks it)."""
+    import torch
+
     if requested == "auto":
         return None
     if requested == "flash_attention_2":
@@ -133,7 +135,8 @@ def _attention_choice(requested: str, device: torch.device) -> str | None:
             raise UserError("attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
                             "installed.", hint="`pip install flash-attn --no-build-isolation` on a CUDA machine, "
                                                "or use attn_implementation: sdpa.")
-        if device.type != "cuda":
+        # DeepSpeed and FSDP runs load on the CPU and train on the GPU: what counts is that there is one.
+        if device.type != "cuda" and not torch.cuda.is_available():
             raise UserError(f"attn_implementation: flash_attention_2 runs on CUDA GPUs only, not on '{device}'.",
                             hint="use attn_implementation: sdpa.")
     return requested

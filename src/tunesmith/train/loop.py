@@ -107,15 +107,16 @@ def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad
     plan = plan_micro_batches([len(s.input_ids) for s in samples], batch_size=cfg.train.per_device_eval_batch_size,
                               seed=0, epoch=0, shuffle=False, packing=False, max_len=cfg.data.cutoff_len)
     mine = plan[accelerator.process_index :: accelerator.num_processes]
-    # ZeRO-3/FSDP: every rank runs as many forwards as the busiest; the extra ones are not counted.
-    fillers = max(0, distributed.lockstep_count(accelerator, len(mine)) - len(mine))
+    # Every rank runs as many forwards as the busiest (the extra ones are not counted): ZeRO-3/FSDP
+    # gather weights in each forward, and DDP broadcasts its buffers there, both collectives.
+    fillers = max(0, distributed.lockstep_count(accelerator, len(mine), always=True) - len(mine))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     was_training = module.training
     module.eval()
     with torch.no_grad(), accelerator.autocast():
         for i, rows in enumerate(mine + [plan[0]] * fillers):
-            batch = collate_padded([samples[j] for row in rows for j in row], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = distributed.to_device(collate_padded([samples[j] for row in rows for j in row], pad_id),
+                                          accelerator.device)
             loss_sum, count = module(batch)
             if i < len(mine):
                 total += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=accelerator.device)
@@ -127,11 +128,9 @@ def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad
 def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any,
                  gathered: dict[str, torch.Tensor] | None = None) -> None:
     """The trained result in standard form: a peft adapter folder, or a HF model folder. `gathered`:
-    the full weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict)."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = gathered if gathered is not None else \
-        accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
-    unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    the weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict);
+    otherwise the model's own parameters are whole and are saved as they are."""
+    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=gathered, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 
@@ -140,24 +139,25 @@ def accumulate(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     """Forward and backward of one optimizer step's micro-batches on this rank; returns the summed
     token loss. Each micro-batch's loss is divided by the step's global supervised-token count, so
     the gradients add up to those of one big batch. Up to `pad_to` micro-batches run
-    (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step."""
+    (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step. Nothing here
+    updates the weights: the step is taken by optimizer_step once the guard has seen it."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    # DeepSpeed divides by its accumulation steps; multiplied back here (train/distributed.py).
-    scale = distributed.loss_scale(accelerator)
     items = [(b, weight) for b in batches] + [(batches[-1], 0.0)] * max(0, pad_to - len(batches))
     total = 0.0
     for i, (batch, w) in enumerate(items):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        last = i == len(items) - 1  # gradients are reduced (and DeepSpeed steps) after the last only
-        with distributed.micro_step(accelerator, module, last) if accelerator is not None else contextlib.nullcontext(), \
-                accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            loss_sum, _ = module(batch)
+        batch = distributed.to_device(batch, device)
+        last = i == len(items) - 1  # gradients are reduced after the last micro-batch only
+        # The backward runs inside the micro-step: DDP and FSDP decide there whether to reduce, and
+        # DeepSpeed is told whether this micro-batch ends the accumulation. Autocast covers the forward only.
+        with distributed.micro_step(accelerator, module, last) if accelerator is not None else contextlib.nullcontext():
+            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+                loss_sum, _ = module(batch)
             # DDP averages gradients over ranks, hence x world to get the global token mean.
-            loss = loss_sum * (w * world * scale / max(global_count, 1))
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
+            loss = loss_sum * (w * world / max(global_count, 1))
+            if accelerator is not None:
+                distributed.backward(accelerator, module, loss, last)
+            else:
+                loss.backward()
         total += float(loss_sum.detach()) * w
     return total
 
@@ -265,12 +265,13 @@ def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | Non
 
 
 def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
-    """Tokenized once (main process first; the others read its cache), then the preflight checks."""
+    """Tokenized once per node (its first process; the others read its cache, which lives on the
+    node's disk), then the preflight checks."""
     from tunesmith.data.pipeline import tokenize_datasets
     from tunesmith.data.preflight import preflight
 
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator), tokenizer)
     if not data.train:
         raise UserError("no training samples are left after tokenization (see the report above).")
@@ -407,16 +408,11 @@ def train(trainer: Trainer) -> dict[str, Any]:
     lengths = [len(s.input_ids) for s in setup.train_samples]
     first_step_seconds = None
     eval_loss = None
-    last_batch = None
     step_started = time.time()
     batches_by_step = step_batches(setup.train_samples, lengths, plan, cfg, trainer.start_step, accelerator,
                                    trainer.layout, setup.pad_id)
-    for step, batches in trainer.step_guard.steps(batches_by_step):
-        weight = 1.0
-        if not batches:  # a rank with no micro-batch in a short last step still joins the collectives
-            batches, weight = [last_batch], 0.0
+    for step, batches, weight in trainer.step_guard.steps(batches_by_step):
         loss, grad_norm, applied, supervised = optimizer_step(trainer, step, batches, weight)
-        last_batch = batches[-1]
         if first_step_seconds is None:
             first_step_seconds = time.time() - setup.started
             if setup.main:
@@ -449,12 +445,21 @@ def optimizer_step(trainer: Trainer, step: int, batches: list[dict[str, torch.Te
     world = accelerator.num_processes
     step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
                            accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
-    grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
     total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
                                           reduction="sum")) / max(global_count, 1)
-    applied = trainer.step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
-    if applied:
-        trainer.optimizer.step()
+    if distributed.is_deepspeed(accelerator):
+        # The engine clips and updates in one call, so its gradient norm is known only after the
+        # update; the (all-ranks) loss is checked before it, and the engine skips non-finite gradients.
+        applied = trainer.step_guard.check_step(step + 1, total_loss, None, batches)
+        grad_norm = distributed.deepspeed_step(module)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 \
+            else None
+        applied = trainer.step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
+        if applied:
+            trainer.optimizer.step()
+        else:
+            distributed.skip_scaled_step(accelerator.scaler, trainer.optimizer)
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=not trainer.keep_grads)
     return total_loss, grad_norm, applied, global_count
@@ -506,7 +511,9 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     """The final outputs, written atomically next to the run files, and the run's figures."""
     setup, accelerator = trainer.setup, trainer.setup.accelerator
     accelerator.wait_for_everyone()
-    gathered = distributed.gather_state_dict(accelerator, trainer.module)  # every rank joins under ZeRO-3/FSDP
+    # every rank joins under ZeRO-3/FSDP
+    gathered = distributed.gather_state_dict(accelerator, trainer.module,
+                                             trainable_only=setup.cfg.finetune.finetuning_type == "lora")
     model = accelerator.unwrap_model(trainer.module).model
     if setup.main:
         trainer.log.close()
@@ -523,8 +530,9 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
 
 
 def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
-    """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
+                 accelerator: Any, layout: str, pad_id: int
+                 ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]], float]]:
+    """(step, this rank's collated micro-batches, their weight) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
     t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
     on_cpu = accelerator.device.type == "cpu"
@@ -543,8 +551,14 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                    shuffle=cfg.data.shuffle, packing=layout in ("masked", "concat"),
                                    max_len=cfg.data.cutoff_len)
         steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
-        per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
-        dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], layout, pad_id)
+        # A rank with no micro-batch in a step (a short last step) still joins its collectives: it
+        # runs the step's first micro-batch with weight 0.
+        chosen: list[tuple[list[list[list[int]]], float]] = []
+        for s in steps:
+            everyone = micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step]
+            mine = everyone[rank::world]
+            chosen.append((mine, 1.0) if mine else (everyone[:1], 0.0))
+        dataset = MicroBatches(samples, [mb for mine, _ in chosen for mb in mine], layout, pad_id)
         workers = cfg.data.dataloader_num_workers
         # Its own generator: the workers' seed must not come from (and shift) the RNG that dropout
         # uses, or a run with workers, and a resumed one, would train differently.
@@ -552,9 +566,9 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                                  worker_init_fn=guard.ignore_stop_signals,
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
-        for mine in per_step:
+        for mine, weight in chosen:
             pieces = [piece for _ in mine for piece in split_varlen(next(items), budget)]
-            yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
+            yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces, weight
             step += 1
 
 
@@ -563,7 +577,8 @@ def _save_checkpoint(trainer: Trainer, step: int) -> None:
     accelerator, out, step_guard = setup.accelerator, setup.out, trainer.step_guard
     accelerator.wait_for_everyone()
     # Collectives first (every rank): gathered weights, each rank's RNG, ZeRO/FSDP optimizer shards.
-    gathered = distributed.gather_state_dict(accelerator, trainer.module)
+    gathered = distributed.gather_state_dict(accelerator, trainer.module,
+                                             trainable_only=setup.cfg.finetune.finetuning_type == "lora")
     rank_rngs = distributed.gather_rng_states(accelerator)
     sharded = None if cfg.train.save_only_model else \
         distributed.save_sharded_state(accelerator, out, step, trainer.scheduler)
