@@ -55,7 +55,7 @@ def test_list_keys_take_yaml_lists_and_comma_strings_alike(tmp_path):
     assert load_config(None, {}).train.report_to == ["none"]
     with pytest.raises(UserError, match="'dataset' must be a list of names"):
         load_config(None, {"dataset": {"a": 1}})
-    with pytest.raises(UserError, match="'report_to' is 'wandbb'; allowed: none, tensorboard, all"):
+    with pytest.raises(UserError, match="'report_to' is 'wandbb'; allowed: none, tensorboard, mlflow, wandb, all"):
         load_config(None, {"report_to": "tensorboard,wandbb"})
 
 
