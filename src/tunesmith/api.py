@@ -42,6 +42,7 @@ from tunesmith.api_request import (
 )
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
+from tunesmith.infer import ChatEngine, Usage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -163,7 +164,6 @@ class ApiServer:
 
     def start(self, ticket: _Ticket, request: ChatRequest) -> asyncio.Queue:
         """Run the generation in a thread; its pieces, then _END or the exception, arrive on the queue."""
-        from tunesmith.infer import Usage
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -452,7 +452,6 @@ def serve(cfg: RunConfig, host: str | None = None, port: int | None = None) -> N
     """Load the model and answer requests until interrupted. Port 0 picks a free port."""
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.infer import ChatEngine
 
     host = host or os.environ.get("API_HOST") or DEFAULT_HOST
     port = _env_port() if port is None else port

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import RunConfig
+from tunesmith.data.formats import load_conversations
 from tunesmith.errors import UserError
+from tunesmith.infer import ChatEngine, check_backend
 from tunesmith.loading import ModelSource, source_for
 from tunesmith.template import Conversation, encode_segments, render
 
@@ -41,7 +43,6 @@ class EvalCase:
 
 def eval_cases(cfg: RunConfig) -> list[EvalCase]:
     """The samples of eval_dataset (else of dataset), each cut before its last assistant answer."""
-    from tunesmith.data.formats import load_conversations
 
     d = cfg.data
     names = d.eval_dataset or d.dataset
@@ -178,7 +179,6 @@ def _write(folder: Path, rows: list[dict[str, Any]], results: dict[str, Any], su
 
 def _evaluate_source(cfg: RunConfig, cases: list[EvalCase], source: Any, greedy: bool
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from tunesmith.infer import ChatEngine
 
     engine = ChatEngine(cfg, source=source)
     print(f"Evaluating {engine.description} on {len(cases)} samples", file=sys.stderr)
@@ -203,7 +203,6 @@ def base_source(cfg: RunConfig, trained: Any) -> Any:
 def run_eval(cfg: RunConfig, *, out_dir: str | Path | None = None, compare_base: bool = False,
              greedy: bool = True) -> dict[str, Any]:
     """Generate, score and write the files; returns {"model": results} (and "base" with compare_base)."""
-    from tunesmith.infer import check_backend
 
     check_backend(cfg)
     require_scorers()  # before minutes of generation, not after

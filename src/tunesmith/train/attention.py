@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.train.kernels import ROW_MULTIPLE
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -76,7 +78,6 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     """(1, heads, L, d) query against (1, kv_heads, L, d) key/value; returns (1, L, heads, d) like sdpa's wrapper."""
     import torch.nn.functional as F
 
-    from tunesmith.train.kernels import ROW_MULTIPLE
 
     global _CAUSAL_MATMUL
     if _CAUSAL_MATMUL is None:

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL, load_config
+from tunesmith.data.readers import read_rows
+from tunesmith.data.registry import REGISTRY_FILE, load_registry, resolve_datasets
 from tunesmith.errors import UserError
+from tunesmith.infer import ChatEngine
 from tunesmith.loading import settings_for, source_from_folder
+from tunesmith.run_folder import RUN_MARKERS, list_checkpoints
+from tunesmith.template import template_names
 from tunesmith.ui import form
 from tunesmith.ui.evaluate_tab import build_evaluate_tab
 from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text
@@ -93,7 +98,6 @@ def _cell(value: Any, limit: int = 160) -> str:
 def dataset_choices(dataset_dir: str, workspace: Workspace) -> tuple[list[str], str]:
     """Names in dataset_dir/dataset_info.json whose files are present (inside the workspace), and a note
     about the rest."""
-    from tunesmith.data.registry import REGISTRY_FILE, load_registry
 
     folder = workspace.path(dataset_dir, "dataset_dir")
     registry = load_registry(folder)
@@ -116,8 +120,6 @@ def dataset_preview(dataset_dir: str, names: list[str], workspace: Workspace) ->
     """The first rows of the first chosen dataset, as a table."""
     import pandas as pd
 
-    from tunesmith.data.readers import read_rows
-    from tunesmith.data.registry import resolve_datasets
 
     if not names:
         return pd.DataFrame(), ""
@@ -203,7 +205,6 @@ class WebUI:
 
     def load_engine(self, model: str, run_folder: str, template: str) -> Any:
         """One chat model for the server (the memory of one), replaced when another is asked for."""
-        from tunesmith.infer import ChatEngine
 
         key = ((model or DEFAULT_MODEL).strip(), (run_folder or "").strip(), template or "auto")
         with self._engine_lock:
@@ -265,7 +266,6 @@ class WebUI:
 
 def _holds_run(folder: Path) -> bool:
     """True when folder holds what `tunesmith train` refuses to overwrite unasked."""
-    from tunesmith.run_folder import RUN_MARKERS, list_checkpoints
 
     return folder.is_dir() and (any((folder / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(folder)))
 
@@ -274,7 +274,6 @@ def build_app(ui: WebUI | None = None) -> Any:
     """The Gradio Blocks of the page."""
     import gradio as gr
 
-    from tunesmith.template import template_names
 
     ui = ui or WebUI()
     templates = ["auto", *template_names()]

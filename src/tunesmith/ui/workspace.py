@@ -14,7 +14,10 @@ from typing import Any
 import yaml
 
 from tunesmith.config import DEFAULT_MODEL, IGNORED_KEYS, KEYS, load_config
+from tunesmith.data.registry import resolve_datasets
 from tunesmith.errors import UserError, did_you_mean
+from tunesmith.model.provision import default_model_dir
+from tunesmith.ui import form
 
 # Config keys that name files or folders (comma-separated lists for adapters).
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "tokenized_path", "output_dir",
@@ -48,7 +51,6 @@ class Workspace:
         text = (value or "").strip()
         if text in ("", DEFAULT_MODEL):
             return
-        from tunesmith.model.provision import default_model_dir
 
         if Path(text).expanduser().resolve() == default_model_dir().resolve():
             return
@@ -73,7 +75,6 @@ class Workspace:
 
     def check_datasets(self, dataset_dir: str, names: str | list[str] | None) -> None:
         """The chosen datasets exist in dataset_dir and their files lie inside the root."""
-        from tunesmith.data.registry import resolve_datasets
 
         for spec in resolve_datasets(names, self.path(dataset_dir, "dataset_dir")):
             for file in spec.paths:
@@ -81,7 +82,6 @@ class Workspace:
 
     def read_config(self, path: str, keys: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(form values, other keys) of a config file inside the root, checked without quoting it."""
-        from tunesmith.ui import form
 
         target = self.path(path, "config file")
         if not target.is_file():
@@ -131,7 +131,6 @@ def _key_lines(text: str) -> dict[str, int]:
 
 
 def _expected(key: str) -> str:
-    from tunesmith.ui import form
 
     allowed = form.choices(key)
     if allowed:
