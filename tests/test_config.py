@@ -100,10 +100,10 @@ def test_bad_choice_lists_allowed_values():
 
 
 @pytest.mark.parametrize("line,fragment", [
-    ("quantization_bit: 4", "'quantization_bit' (quantized (QLoRA) training) is not supported yet"),
+    ("use_galore: true", "'use_galore' (GaLore) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
-    ("use_dora: true", "DoRA"),
     ("report_to: swanlab", "'report_to' is 'swanlab'; allowed: none, tensorboard, mlflow, wandb, all"),
+    ("streaming: true", "streaming datasets"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:
@@ -112,7 +112,7 @@ def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment)
 
 
 def test_unsupported_key_set_to_its_off_value_is_fine(tmp_path):
-    load_config(write(tmp_path, "quantization_bit: null\nuse_dora: false\n"))
+    load_config(write(tmp_path, "use_galore: null\nuse_badam: false\nmix_strategy: concat\n"))
 
 
 @pytest.mark.parametrize("override,fragment", [

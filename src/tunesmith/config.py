@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -53,7 +54,15 @@ class ModelArgs:
                                 "enable_thinking): false puts an empty think block in every prompt and trains "
                                 "answers without reasoning, in training, chat, the API and the saved tokenizer.")
     infer_backend: str = opt("huggingface", "Inference engine.", ("huggingface", "vllm", "sglang"))
-    attn_implementation: str = opt("auto", "Attention kernel.", ("auto", "eager", "sdpa", "flash_attention_2"))
+    attn_implementation: str = opt("auto", "Attention kernel (LLaMA-Factory's flash_attn: auto, disabled = eager, "
+                                   "sdpa, fa2 = flash_attention_2, is read into this key).",
+                                   ("auto", "eager", "sdpa", "flash_attention_2"))
+    quantization_bit: int | None = opt(None, "QLoRA: train LoRA on a base quantized to 4 or 8 bits by bitsandbytes "
+                                       "(finetuning_type: lora only; export merges into the unquantized base).",
+                                       (4, 8))
+    quantization_method: str = opt("bnb", "Quantization library for quantization_bit.", ("bnb",))
+    quantization_type: str = opt("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quantization: bool = opt(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/weight).")
 
 
 @dataclass
@@ -100,6 +109,15 @@ class FinetuneArgs:
     lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
     additional_target: list[str] | None = opt(None, "Extra modules trained fully beside LoRA (a list, or comma "
                                               "separated).")
+    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (peft).")
+    use_rslora: bool = opt(False, "rsLoRA: scale the adapter by alpha/sqrt(rank) instead of alpha/rank.")
+    pissa_init: bool = opt(False, "PiSSA: start the adapter from the principal singular vectors of each weight; the "
+                           "saved adapter is converted to a plain LoRA on the original base.")
+    pissa_iter: int = opt(16, "PiSSA: iterations of the fast randomized SVD (-1 = exact SVD).")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the B matrices learn at learning_rate x this ratio.")
+    loraplus_lr_embedding: float = opt(1e-6, "LoRA+: learning rate of LoRA on embedding layers.")
+    create_new_adapter: bool = opt(False, "With adapter_name_or_path: merge the loaded adapters into the base and "
+                                   "train a fresh adapter (instead of continuing the last one).")
     freeze_trainable_layers: int = opt(2, "Freeze tuning: train the last N layers (first N when negative).")
 
 
@@ -116,7 +134,11 @@ class TrainArgs:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     num_train_epochs: float = opt(3.0, "Passes over the training data (fractions allowed).")
     max_steps: int = opt(-1, "Optimizer steps to run; overrides num_train_epochs when > 0.")
-    learning_rate: float = opt(5e-5, "Peak learning rate of AdamW.")
+    optim: str = opt("adamw_torch", "Optimizer: torch AdamW (fused: one kernel per step), SGD, Adafactor, or "
+                     "bitsandbytes' 8-bit AdamW (paged on GPUs).",
+                     ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_8bit", "adamw_bnb_8bit",
+                      "paged_adamw_8bit"))
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule.",
                                  ("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_ratio: float = opt(0.0, "Share of the steps spent warming up.")
@@ -129,6 +151,8 @@ class TrainArgs:
     bf16: bool = opt(False, "Compute in bfloat16 (trainable weights and optimizer state stay fp32).")
     fp16: bool = opt(False, "Compute in float16 with loss scaling (GPU only).")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: uniform noise of this scale on the input embeddings while "
+                                            "training (never at eval or inference).")
     seed: int = opt(42, "Seed for sampling order, initialisation and dropout.")
     logging_steps: int = opt(10, "Log every N optimizer steps.")
     save_steps: int = opt(500, "Write a checkpoint every N optimizer steps (0 = only at the end).")
@@ -182,7 +206,10 @@ MATH_KEYS: tuple[str, ...] = (
     "shuffle", "finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "additional_target",
     "freeze_trainable_layers", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy", "optim", "quantization_bit",
+    "quantization_method", "quantization_type", "double_quantization", "use_dora", "use_rslora", "pissa_init",
+    "pissa_iter", "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter", "neftune_noise_alpha",
+    "enable_thinking",
 )
 
 GROUPS: dict[str, type] = {
@@ -194,44 +221,161 @@ GROUPS: dict[str, type] = {
     "generate": GenerateArgs,
 }
 
-# LLaMA-Factory keys with no effect here (logging/placement tweaks): accepted and ignored, said once.
+# LLaMA-Factory keys that have no effect here: accepted, and each one given is named in one warning
+# line when the config is read, with the reason.
 IGNORED_KEYS: dict[str, str] = {
-    "flash_attn": "use attn_implementation",
+    # where files come from: everything is local
+    "cache_dir": "models and data are local folders; nothing is downloaded",
+    "model_revision": "models are local folders; there is no revision to fetch",
+    "hf_hub_token": "nothing is fetched from a hub",
+    "ms_hub_token": "nothing is fetched from a hub",
+    "om_hub_token": "nothing is fetched from a hub",
+    "use_fast_tokenizer": "a fast tokenizer is always used (its offsets give exact label masks)",
+    "low_cpu_mem_usage": "transformers always loads weights without a second copy",
+    "offload_folder": "weights are never offloaded to disk",
+    "quantization_device_map": "quantized weights are used for training only; chat and export load the unquantized "
+                               "base",
+    # numerics and kernels the engine decides
+    "use_reentrant_gc": "gradient checkpointing is always non-reentrant",
+    "gradient_checkpointing_kwargs": "gradient checkpointing is always non-reentrant",
+    "disable_gradient_checkpointing": "gradient checkpointing is off unless gradient_checkpointing: true",
+    "upcast_layernorm": "trainable weights are always kept in fp32 (see bf16)",
+    "upcast_lmhead_output": "the loss is always computed from fp32 logits",
+    "enable_liger_kernel": "the engine's own training kernels (same math, less memory) are always used",
+    "use_v1_kernels": "the engine's own training kernels (same math, less memory) are always used",
+    "use_kv_cache": "generation always uses the KV cache and training never does",
+    "infer_dtype": "chat and the API run in the model's own dtype",
+    "print_param_status": "the trainable parameter count is always printed",
     "include_num_input_tokens_seen": "tokens are always counted",
-    "optim": "AdamW is always used",
+    "include_effective_tokens_per_second": "tokens/s is always logged",
     "dataloader_pin_memory": "set by the engine",
     "disable_tqdm": "the progress bar shows on terminals only",
     "run_name": "the run is named by output_dir",
     "logging_dir": "TensorBoard logs go to output_dir/runs",
     "save_strategy": "checkpoints follow save_steps",
-    "use_fast_tokenizer": "fast tokenizers are required",
-    "streaming": "datasets are read whole",
-    "buffer_size": "datasets are read whole",
+    "preprocessing_batch_size": "tokenization batches are sized by the engine",
+    "data_shared_file_system": "the main process tokenizes first and the others read its cache",
+    "eval_on_each_dataset": "eval datasets are evaluated together, as one loss",
+    "compute_accuracy": "evaluation reports the loss only",
+    # sub-options of features that are refused or not used by supervised fine-tuning
+    "interleave_probs": "dataset interleaving (mix_strategy) is not built",
+    "init_special_tokens": "adding tokens (add_special_tokens) is not built",
+    "export_quantization_dataset": "quantized export (export_quantization_bit) is not built",
+    "export_quantization_nsamples": "quantized export (export_quantization_bit) is not built",
+    "export_quantization_maxlen": "quantized export (export_quantization_bit) is not built",
+    "pissa_convert": "PiSSA adapters are always saved converted to a plain LoRA on the original base",
+    "max_length": "replies are bounded by max_new_tokens",
+    "length_penalty": "beam search (num_beams) is not built",
+    "eval_num_beams": "beam search is not built",
+    "skip_special_tokens": "replies are always decoded without special tokens",
+    "media_dir": "multimodal data is not supported; text datasets have no media",
+    "image_max_pixels": "multimodal data is not supported; text datasets have no images",
+    "image_min_pixels": "multimodal data is not supported; text datasets have no images",
+    "image_do_pan_and_scan": "multimodal data is not supported; text datasets have no images",
+    "crop_to_patches": "multimodal data is not supported; text datasets have no images",
+    "video_max_pixels": "multimodal data is not supported; text datasets have no videos",
+    "video_min_pixels": "multimodal data is not supported; text datasets have no videos",
+    "video_fps": "multimodal data is not supported; text datasets have no videos",
+    "video_maxlen": "multimodal data is not supported; text datasets have no videos",
+    "use_audio_in_video": "multimodal data is not supported; text datasets have no audio",
+    "audio_sampling_rate": "multimodal data is not supported; text datasets have no audio",
+    "freeze_vision_tower": "multimodal models are not supported; a text model has no vision tower",
+    "freeze_multi_modal_projector": "multimodal models are not supported; a text model has no projector",
+    "freeze_language_model": "multimodal models are not supported",
+    "vllm_maxlen": "the vllm engine is not built (infer_backend: huggingface)",
+    "vllm_gpu_util": "the vllm engine is not built (infer_backend: huggingface)",
+    "vllm_enforce_eager": "the vllm engine is not built (infer_backend: huggingface)",
+    "vllm_max_lora_rank": "the vllm engine is not built (infer_backend: huggingface)",
+    "vllm_config": "the vllm engine is not built (infer_backend: huggingface)",
+    "sglang_maxlen": "the sglang engine is not built (infer_backend: huggingface)",
+    "sglang_mem_fraction": "the sglang engine is not built (infer_backend: huggingface)",
+    "sglang_tp_size": "the sglang engine is not built (infer_backend: huggingface)",
+    "sglang_config": "the sglang engine is not built (infer_backend: huggingface)",
+    "sglang_lora_backend": "the sglang engine is not built (infer_backend: huggingface)",
+    "kt_cpu_activation": "KTransformers (use_kt) is not built",
+    "kt_weight_path": "KTransformers (use_kt) is not built",
+    "kt_non_expert_weight_path": "KTransformers (use_kt) is not built",
+    "kt_expert_checkpoint_path": "KTransformers (use_kt) is not built",
+    "kt_use_lora_experts": "KTransformers (use_kt) is not built",
+    "kt_lora_expert_num": "KTransformers (use_kt) is not built",
+    "kt_lora_expert_intermediate_size": "KTransformers (use_kt) is not built",
+    "oft_rank": "OFT (finetuning_type: oft) is not built",
+    "oft_block_size": "OFT (finetuning_type: oft) is not built",
+    "oft_target": "OFT (finetuning_type: oft) is not built",
+    "module_dropout": "OFT (finetuning_type: oft) is not built",
+    "asft_alpha": "the ASFT loss (use_asft_loss) is not built",
+    "eaft_alpha": "the EAFT loss (use_eaft_loss) is not built",
+    "megatron_bridge_args": "Megatron (use_megatron_bridge) is not built",
+    "hyper_parallel_args": "hyper-parallel training (use_hyper_parallel) is not built",
+    "hyper_parallel_cp_size": "hyper-parallel training (use_hyper_parallel) is not built",
+    **{key: "preference and reward training (stage: dpo/kto/rm/ppo) only; supervised fine-tuning does not use it"
+       for key in ("pref_beta", "pref_ftx", "pref_bco_weight", "pref_loss", "dpo_label_smoothing", "kto_chosen_weight",
+                   "kto_rejected_weight", "simpo_gamma", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm",
+                   "ppo_target", "ppo_whiten_rewards", "ref_model", "ref_model_adapters", "ref_model_quantization_bit",
+                   "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type",
+                   "ld_alpha")},
+    **{key: "GaLore (use_galore) is not built" for key in (
+        "galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",
+        "galore_layerwise")},
+    **{key: "APOLLO (use_apollo) is not built" for key in (
+        "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
+        "apollo_scale_type", "apollo_layerwise", "apollo_scale_front")},
+    **{key: "BAdam (use_badam) is not built" for key in (
+        "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
+        "badam_mask_mode", "badam_verbose")},
+    **{key: "SwanLab logging (use_swanlab) is not built" for key in (
+        "swanlab_project", "swanlab_workspace", "swanlab_run_name", "swanlab_mode", "swanlab_api_key",
+        "swanlab_logdir", "swanlab_lark_webhook_url", "swanlab_lark_secret")},
 }
 
-# LLaMA-Factory features not built: refuse rather than silently train something else.
+# LLaMA-Factory features not built: refused when set, rather than silently training something else.
+# None, false or 0 (or, for a key in OFF_VALUES, one of its values) means the feature is off, which
+# is what runs here anyway.
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "quantization_bit": "quantized (QLoRA) training",
-    "quantization_method": "quantized (QLoRA) training",
+    "adapter_folder": "loading adapters from a hub folder; give the folders in adapter_name_or_path",
+    "resize_vocab": "resizing the vocabulary",
+    "split_special_tokens": "tokenizing special tokens as text",
+    "add_tokens": "adding tokens to the vocabulary",
+    "add_special_tokens": "adding tokens to the vocabulary",
+    "new_special_tokens_config": "adding tokens to the vocabulary",
+    "rope_scaling": "RoPE scaling",
+    "shift_attn": "shift short attention (S^2-Attn)",
+    "mixture_of_depths": "mixture of depths",
     "use_unsloth": "unsloth kernels",
-    "use_dora": "DoRA",
-    "pissa_init": "PiSSA initialisation",
+    "use_unsloth_gc": "unsloth gradient checkpointing",
+    "moe_aux_loss_coef": "a mixture-of-experts router loss",
+    "train_from_scratch": "training from random weights",
+    "export_quantization_bit": "quantized export",
+    "export_hub_model_id": "pushing to a hub",
+    "use_kt": "KTransformers",
+    "streaming": "streaming datasets (datasets are read whole and tokenized once)",
+    "buffer_size": "streaming datasets (datasets are read whole and tokenized once)",
+    "mix_strategy": "dataset interleaving (datasets are concatenated)",
+    "tool_format": "tool-call formats other than the template's own",
+    "preserve_thinking": "keeping the reasoning of earlier turns",
+    "freeze_trainable_modules": "freeze tuning of named modules (freeze_trainable_layers picks whole layers)",
+    "freeze_extra_modules": "freeze tuning of extra modules",
     "use_galore": "GaLore",
     "use_badam": "BAdam",
     "use_apollo": "APOLLO",
-    "rope_scaling": "RoPE scaling",
-    "booster": "booster kernels",
-    "image_max_pixels": "multimodal data",
-    "video_max_pixels": "multimodal data",
-    "freeze_vision_tower": "multimodal models",
-    "pref_beta": "preference training (DPO/KTO)",
-    "pref_loss": "preference training (DPO/KTO)",
-    "reward_model": "PPO",
-    "use_llama_pro": "LLaMA Pro",
-    "mix_strategy": "dataset interleaving",
-    "export_quantization_bit": "quantized export",
-    "export_hub_model_id": "pushing to a hub",
     "use_swanlab": "SwanLab logging",
+    "use_llama_pro": "LLaMA Pro",
+    "use_adam_mini": "Adam-mini",
+    "use_muon": "the Muon optimizer",
+    "use_mca": "Megatron-Core training",
+    "use_megatron_bridge": "Megatron training",
+    "use_hyper_parallel": "hyper-parallel training",
+    "use_dft_loss": "the DFT loss",
+    "use_asft_loss": "the ASFT loss",
+    "use_eaft_loss": "the EAFT loss",
+    "pure_bf16": "bf16 weights and optimizer state without fp32 master weights (use bf16: true)",
+    "early_stopping_steps": "early stopping",
+    "ignore_pad_token_for_loss": "learning the padding tokens (padding never counts in the loss here)",
+    "num_beams": "beam search",
+    "fsdp": "Trainer-style FSDP strings (use fsdp_config with an accelerate config file)",
+    "fp8": "fp8 training",
+    "fp8_backend": "fp8 training",
+    "fp8_enable_fsdp_float8_all_gather": "fp8 training",
     "ray_num_workers": "training through Ray",
     "ray_run_name": "training through Ray",
     "ray_storage_path": "training through Ray",
@@ -239,9 +383,24 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "resources_per_worker": "training through Ray",
     "placement_strategy": "training through Ray",
 }
+OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "mix_strategy": ("concat",),
+    "freeze_trainable_modules": ("all",),
+    "num_beams": (1,),
+    "ignore_pad_token_for_loss": (True,),
+    "buffer_size": (16384,),  # LLaMA-Factory's default, which only matters with streaming
+    "ray_num_workers": (1,),
+    "placement_strategy": ("PACK",),
+    "resources_per_worker": ({"GPU": 1},),
+}
+
+# LLaMA-Factory keys read into one of ours: key -> (our key, LLaMA-Factory value -> our value).
+ALIASES: dict[str, tuple[str, dict[Any, Any]]] = {
+    "flash_attn": ("attn_implementation", {"auto": "auto", "disabled": "eager", "sdpa": "sdpa",
+                                           "fa2": "flash_attention_2"}),
+    "disable_shuffling": ("shuffle", {True: False, False: True}),
+}
 # Values of an unsupported key that ask for nothing beyond what is built (LLaMA-Factory's defaults).
-UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {"ray_num_workers": (1,), "placement_strategy": ("PACK",),
-                                                    "resources_per_worker": ({"GPU": 1},)}
 
 
 @dataclass
@@ -440,18 +599,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
     cfg = RunConfig(source=source)
     origins: dict[str, str] = {}
+    ignored: dict[str, str] = {}
     for origin, mapping in (("file", raw), ("cli", cli)):
         for key, value in mapping.items():
             key = str(key)
             where = (f"{source}, line {lines[key]}" if key in lines else str(source)) if origin == "file" else "command line"
             if key in UNSUPPORTED_KEYS:
-                if value in (None, False, 0, "none", "None") or \
-                        (not isinstance(value, bool) and value in UNSUPPORTED_DEFAULTS.get(key, ())):
+                if _is_off(key, value):
                     continue
                 raise UserError(f"{where}: '{key}' ({UNSUPPORTED_KEYS[key]}) is not supported yet.",
                                 hint=f"remove '{key}' to train without it.")
             if key in IGNORED_KEYS:
+                ignored[key] = where
                 continue
+            if key in ALIASES:
+                key, value = _read_alias(key, value, where, mapping)
             if key not in _SCHEMA:
                 raise UserError(f"{where}: unknown key '{key}'{did_you_mean(key, _KNOWN_NAMES)}.",
                                 hint="`tunesmith train --keys` lists every key.")
@@ -464,7 +626,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
             cfg.given = cfg.given | {key}
             origins[key] = where
     _validate(cfg, origins)
+    for key, where in ignored.items():
+        print(f"warning: {where}: '{key}' has no effect here: {IGNORED_KEYS[key]}.", file=sys.stderr)
     return cfg
+
+
+def _is_off(key: str, value: Any) -> bool:
+    """A refused feature's key set to a value that turns it off (what runs here anyway)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return True
+    if key in OFF_VALUES:
+        return value in OFF_VALUES[key]
+    return value in (False, 0) or (isinstance(value, str) and value.strip().lower() == "false")
+
+
+def _read_alias(key: str, value: Any, where: str, mapping: dict[str, Any]) -> tuple[str, Any]:
+    """A LLaMA-Factory key that means one of ours, as (our key, our value)."""
+    ours, values = ALIASES[key]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if value not in values:
+        raise UserError(f"{where}: '{key}' is {value!r}; allowed: {', '.join(map(str, values))}.")
+    if ours in mapping and _coerce(ours, mapping[ours], where) != values[value]:
+        raise UserError(f"{where}: '{key}: {value}' means '{ours}: {values[value]}', but '{ours}' is set to "
+                        f"{mapping[ours]!r} too; keep one of them.")
+    return ours, values[value]
 
 
 # key -> (lowest, highest, whether lowest itself is allowed, whether highest is); None = no bound.
@@ -530,6 +716,28 @@ def _validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
         raise UserError(f"{where}: 'lora_target' is empty; use 'all' or module names such as [q_proj, v_proj].")
     if f.do_predict and not cfg.generate.predict_with_generate:
         raise UserError(f"{where}: 'do_predict: true' scores generated answers; set 'predict_with_generate: true'.")
+    _validate_lora_variants(cfg, where)
+
+
+def _validate_lora_variants(cfg: RunConfig, where: str) -> None:
+    """QLoRA and the LoRA variants apply to LoRA runs only, and some exclude each other."""
+    f = cfg.finetune
+    variants = {"quantization_bit": cfg.model.quantization_bit, "use_dora": f.use_dora, "use_rslora": f.use_rslora,
+                "pissa_init": f.pissa_init, "loraplus_lr_ratio": f.loraplus_lr_ratio,
+                "create_new_adapter": f.create_new_adapter}
+    given = [key for key, value in variants.items() if value]
+    if given and f.finetuning_type != "lora":
+        raise UserError(f"{where}: '{given[0]}' applies to LoRA training, but finetuning_type is "
+                        f"{f.finetuning_type!r}.", hint=f"set finetuning_type: lora, or remove '{given[0]}'.")
+    if f.use_dora and f.pissa_init:
+        raise UserError(f"{where}: 'use_dora' and 'pissa_init' are both true; peft initialises DoRA's magnitudes "
+                        "from the base weights that PiSSA changes, so choose one.")
+    if f.loraplus_lr_ratio is not None and f.loraplus_lr_ratio <= 0:
+        raise UserError(f"{where}: 'loraplus_lr_ratio' must be positive, got {f.loraplus_lr_ratio}.")
+    if cfg.train.neftune_noise_alpha is not None and cfg.train.neftune_noise_alpha < 0:
+        raise UserError(f"{where}: 'neftune_noise_alpha' must be positive, got {cfg.train.neftune_noise_alpha}.")
+    if f.pissa_iter == 0 or f.pissa_iter < -1:
+        raise UserError(f"{where}: 'pissa_iter' must be -1 (exact SVD) or at least 1, got {f.pissa_iter}.")
 
 
 def help_table() -> str:

@@ -7,6 +7,7 @@ leaves a folder that looks usable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -51,6 +52,10 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
                         "model is written to.", hint="add e.g. `export_dir: exports/my-model`.")
     export_dir = Path(cfg.export.export_dir).expanduser().resolve()
     source = source or source_for(cfg)
+    if source.model_args.quantization_bit:  # a QLoRA adapter is merged into the full-precision base
+        print(f"note: quantization_bit {source.model_args.quantization_bit} is for training; export merges into "
+              "the unquantized base.", file=sys.stderr)
+        source = dataclasses.replace(source, model_args=dataclasses.replace(source.model_args, quantization_bit=None))
     _check_export_dir(export_dir, source, cfg)
     device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
 

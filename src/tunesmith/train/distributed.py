@@ -445,14 +445,20 @@ def cache_reader_view(cfg: Any, accelerator: Any) -> Any:
 
 
 def build_optimizer(accelerator: Any, param_groups: list[dict[str, Any]], cfg: Any) -> Any:
-    """AdamW; under a DeepSpeed config with an 'optimizer' block, the engine builds that one instead."""
+    """The optimizer `optim` names (train/optimizers.py); under a DeepSpeed config with an
+    'optimizer' block, the engine builds that one instead, so `optim` must not ask for another."""
+    from tunesmith.train.optimizers import make_optimizer
+
     t = cfg.train
     if is_deepspeed(accelerator) and "optimizer" in accelerator.state.deepspeed_plugin.deepspeed_config:
         from accelerate.utils import DummyOptim
 
+        if "optim" in cfg.given and t.optim != "adamw_torch":
+            raise UserError(f"{cfg.source or 'config'}: 'optim: {t.optim}' and the DeepSpeed config's 'optimizer' "
+                            "block both choose the optimizer.",
+                            hint="remove one of them (the DeepSpeed block runs DeepSpeed's own optimizer).")
         return DummyOptim(param_groups, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon)
+    return make_optimizer(t.optim, param_groups, t, accelerator.device)
 
 
 def _inner_model(module: torch.nn.Module) -> Any:

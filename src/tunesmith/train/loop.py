@@ -31,7 +31,7 @@ from tunesmith.data.batching import (
 )
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.errors import UserError
-from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training
+from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training, final_save_kwargs
 from tunesmith.model.load import load_adapters, load_model, load_tokenizer
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
@@ -126,11 +126,13 @@ def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad
 
 
 def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any,
-                 gathered: dict[str, torch.Tensor] | None = None) -> None:
+                 gathered: dict[str, torch.Tensor] | None = None, **save_kwargs: Any) -> None:
     """The trained result in standard form: a peft adapter folder, or a HF model folder. `gathered`:
     the weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict);
-    otherwise the model's own parameters are whole and are saved as they are."""
-    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=gathered, safe_serialization=True)
+    otherwise the model's own parameters are whole and are saved as they are. `save_kwargs` go to
+    save_pretrained (a PiSSA run's final save converts its adapter: finetune.final_save_kwargs)."""
+    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=gathered, safe_serialization=True,
+                                                    **save_kwargs)
     tokenizer.save_pretrained(folder)
 
 
@@ -221,7 +223,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     setup = open_run(cfg, time.time())
     sharded = distributed.is_sharded(setup.accelerator)
     with training_changes(setup.model, packing=setup.packing, contaminate=cfg.data.packing_contamination,
-                          mixed_precision=setup.mixed != "no", sharded=sharded) as layout:
+                          mixed_precision=setup.mixed != "no", sharded=sharded,
+                          neftune_alpha=cfg.train.neftune_noise_alpha) as layout:
         trainer = prepare(setup, layout)
         results = train(trainer)
     return finish(trainer, results)
@@ -517,8 +520,9 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     model = accelerator.unwrap_model(trainer.module).model
     if setup.main:
         trainer.log.close()
-        run_folder.write_final_outputs(
-            setup.out, lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered))
+        with final_save_kwargs(model) as extra:  # a PiSSA adapter is saved for the original base
+            run_folder.write_final_outputs(
+                setup.out, lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered, **extra))
         (setup.out / "train_results.json").write_text(json.dumps(results, indent=2))
         if setup.cfg.train.plot_loss:
             plot_loss(setup.out)
