@@ -168,10 +168,9 @@ def test_do_predict_needs_predict_with_generate():
 def test_compare_base_without_a_trained_model_is_refused(tiny_model_dir, tmp_path):
     from tunesmith.evaluate import run_eval
 
-    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "output_dir": str(tmp_path / "none"),
-                             "dataset": "x"})
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "dataset": "x"})  # names the base alone
     with pytest.raises(UserError, match="no trained model to compare with"):
-        run_eval(cfg, compare_base=True)
+        run_eval(cfg, out_dir=tmp_path / "eval", compare_base=True)
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_alias_mistakes():
 
 def test_enable_thinking_is_a_key():
     assert KEYS["enable_thinking"].default is True and "qwen3" in KEYS["enable_thinking"].help
-    assert load_config(None, ["enable_thinking=false"]).data.enable_thinking is False
+    assert load_config(None, ["enable_thinking=false"]).model.enable_thinking is False
 
 
 def test_readme_lists_every_refused_key():

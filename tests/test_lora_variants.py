@@ -21,8 +21,8 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 
 
 @pytest.fixture()
-def data_dir(tmp_path, shared_data) -> Path:
-    return identity_dataset(tmp_path / "data", shared_data)
+def data_dir(tmp_path, repo_data) -> Path:
+    return identity_dataset(tmp_path / "data", repo_data)
 
 
 def train(tmp_path: Path, model_dir: Path, data_dir: Path, name: str, **extra: object):

@@ -62,10 +62,10 @@ def test_unknown_optim_lists_the_choices():
         load_config(None, {"optim": "lion"})
 
 
-def test_sgd_run_trains_with_sgd_and_config_says_so(tmp_path, tiny_model_dir, shared_data):
+def test_sgd_run_trains_with_sgd_and_config_says_so(tmp_path, tiny_model_dir, repo_data):
     from tunesmith.train import run_training
 
-    data = identity_dataset(tmp_path / "data", shared_data)
+    data = identity_dataset(tmp_path / "data", repo_data)
     runs = {}
     for optim, lr in (("sgd", 0.5), ("sgd", 1.0), ("adamw_torch", 0.5)):
         out = tmp_path / f"{optim}-{lr}"

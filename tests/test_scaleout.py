@@ -50,10 +50,10 @@ def assert_same_run(one: Path, other: Path, atol: float = 1e-5) -> None:
         assert torch.allclose(value, adapter(other)[name], atol=atol), name
 
 
-def test_three_processes_short_last_step_small_eval_and_resume_into_it(tmp_path, tiny_model_dir, shared_data):
+def test_three_processes_short_last_step_small_eval_and_resume_into_it(tmp_path, tiny_model_dir, repo_data):
     """16 rows, 2 held out: 14 samples in steps of 6 micro-batches (3 ranks x 2): the last step has 2,
     so the third rank has none; the 2 eval samples leave one rank without an eval batch."""
-    data = identity_dataset(tmp_path / "data", shared_data, rows=16)
+    data = identity_dataset(tmp_path / "data", repo_data, rows=16)
     common = {"max_steps": -1, "num_train_epochs": 1, "val_size": 2, "eval_strategy": "steps", "eval_steps": 1,
               "ddp_timeout": 120}
     single = tmp_path / "single"
@@ -83,11 +83,11 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 @needs_deepspeed
 @pytest.mark.parametrize("config", ["ds_z2_config.json", "ds_z3_config.json"])
-def test_deepspeed_on_its_cpu_accelerator_equals_one_process(tmp_path, tiny_model_dir, shared_data, config):
+def test_deepspeed_on_its_cpu_accelerator_equals_one_process(tmp_path, tiny_model_dir, repo_data, config):
     """The engine steps once per optimizer step (not per micro-batch), after the loss check: 2 ranks
     x accumulation 2 train exactly like 1 process x accumulation 4, on an odd sample count whose
     last step leaves the second rank without a micro-batch; ZeRO-3 resumes from its sharded state."""
-    data = identity_dataset(tmp_path / "data", shared_data, rows=13)
+    data = identity_dataset(tmp_path / "data", repo_data, rows=13)
     common = {"max_steps": -1, "num_train_epochs": 1}
     single = tmp_path / "single"
     single_run(tmp_path, tiny_model_dir, data, single, gradient_accumulation_steps=4, **common)
@@ -159,10 +159,10 @@ def _workers_of(config: Path) -> list[int]:
     return found
 
 
-def test_ctrl_c_on_a_relaunched_run_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, shared_data):
+def test_ctrl_c_on_a_relaunched_run_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, repo_data):
     """`tunesmith train` relaunched under torchrun; Ctrl-C reaches the terminal's process group:
     the workers finish their step, write a checkpoint and end; the resume command is printed."""
-    data = identity_dataset(tmp_path / "data", shared_data, rows=16)
+    data = identity_dataset(tmp_path / "data", repo_data, rows=16)
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, tiny_model_dir, data, out, max_steps=400,
                                                         gradient_accumulation_steps=1))

@@ -635,8 +635,8 @@ def _is_off(key: str, value: Any) -> bool:
     """A refused feature's key set to a value that turns it off (what runs here anyway)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return True
-    if key in OFF_VALUES:
-        return value in OFF_VALUES[key]
+    if key in OFF_VALUES:  # compared with their types: true is not the count 1
+        return any(value == off and type(value) is type(off) for off in OFF_VALUES[key])
     return value in (False, 0) or (isinstance(value, str) and value.strip().lower() == "false")
 
 

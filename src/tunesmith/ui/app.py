@@ -384,7 +384,7 @@ def build_app(ui: WebUI | None = None) -> Any:
                 export_log = gr.Textbox(label="console", lines=10, max_lines=10, autoscroll=True,
                                         interactive=False, elem_id="export-log")
             # ---------------------------------------------------------------- Evaluate
-            build_evaluate_tab(ui.work_dir, ui.no_run_dir, templates)
+            build_evaluate_tab(ui, templates)
         timer = gr.Timer(1.0)
 
         form_inputs = [widgets[k] for k in FORM_KEYS]

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL
+from tunesmith.errors import UserError
+from tunesmith.loading import settings_for
 from tunesmith.ui import form
 from tunesmith.ui.runs import error_text
 
@@ -68,8 +70,9 @@ def run_eval(work_dir: Path, settings: dict[str, Any], compare_base: bool) -> It
     yield console, metrics_table(results) + f"\n\nPredictions: `{folder / 'generated_predictions.jsonl'}`"
 
 
-def build_evaluate_tab(work_dir: Path, no_run_dir: Path, templates: list[str]) -> None:
-    """The tab's widgets and events; call inside the page's gr.Tabs()."""
+def build_evaluate_tab(ui: Any, templates: list[str]) -> None:
+    """The tab's widgets and events; call inside the page's gr.Tabs(). `ui` is the page's WebUI: its
+    workspace bounds every folder the tab reads, and it names the model to score as chat does."""
     import gradio as gr
 
     with gr.Tab("Evaluate", id="evaluate"):
@@ -94,13 +97,16 @@ def build_evaluate_tab(work_dir: Path, no_run_dir: Path, templates: list[str]) -
 
         def evaluate(model: str, run: str, template: str, dataset_dir: str, dataset: str, max_samples: Any,
                      max_new_tokens: Any, batch: Any, compare: bool) -> Iterator[tuple[str, str]]:
-            settings = {"model_name_or_path": (model or DEFAULT_MODEL).strip(),
-                        "output_dir": (run or "").strip() or str(no_run_dir),
-                        "template": None if template in ("", "auto", None) else template,
-                        "dataset_dir": dataset_dir, "eval_dataset": (dataset or "").strip() or None,
-                        "max_samples": max_samples, "max_new_tokens": max_new_tokens,
-                        "per_device_eval_batch_size": batch}
-            yield from run_eval(work_dir, settings, compare and bool((run or "").strip()))
+            try:
+                cfg, source = ui.chat_source(model, run, template)
+                data = ui.workspace.path(dataset_dir or "data", "dataset_dir")
+            except UserError as exc:
+                yield "", f"```text\n{str(exc).replace('```', '` ` `')}\n```"
+                return
+            settings = {**settings_for(source), "template": cfg.model.template, "dataset_dir": str(data),
+                        "eval_dataset": (dataset or "").strip() or None, "max_samples": max_samples,
+                        "max_new_tokens": max_new_tokens, "per_device_eval_batch_size": batch}
+            yield from run_eval(ui.work_dir, settings, compare and bool(source.adapters))
 
         start.click(evaluate, [model, run, template, dataset_dir, dataset, max_samples, max_new_tokens, batch,
                                compare], [log, result])
