@@ -5,7 +5,8 @@
     python bench/peers.py --gpu      # a random ~0.5B Llama in bf16 on the GPU (tunesmith only)
 
 Workload: the default model (SmolLM2-135M-Instruct), LoRA rank 8 on every linear layer, alpaca
-rows (data/alpaca_demo.json repeated, or `--data FILE`; see workload_data.py), cutoff 512, 4 samples per optimizer step, learning rate 1e-4.
+rows (data/alpaca_demo.json repeated, or `--data FILE`; see workload_data.py), cutoff 512, 4 samples per
+optimizer step, learning rate 1e-4.
 
 Runs: tunesmith fp32 default, fp32 packing, bf16 (all padding-free on sdpa) and a padded fp32
 reference (eager attention, run once); LLaMA-Factory 0.9.5
@@ -412,7 +413,8 @@ def table(results: dict[str, list[dict]], unavailable: dict[str, str], flops_per
         peak = peaks[1] if "bf16" in name else peaks[0]
         achieved = speed * flops_per_token if speed else None
         cells = [name, f"{speed:.1f}" if speed else "-", f"{rss[name]:.2f}" if rss[name] else "-",
-                 f"{speed / lf:.2f}x" if speed and lf else "-", f"{speed / best_peer:.2f}x" if speed and best_peer else "-",
+                 f"{speed / lf:.2f}x" if speed and lf else "-",
+                 f"{speed / best_peer:.2f}x" if speed and best_peer else "-",
                  f"{rss[name] / lf_rss:.2f}x" if rss[name] and lf_rss else "-",
                  f"{achieved / 1e9:.1f}" if achieved else "-",
                  f"{achieved / peak:.1%} of {'bf16' if 'bf16' in name else 'fp32'}" if achieved else "-", note]
@@ -461,7 +463,8 @@ def cpu_main(args: argparse.Namespace) -> None:
                     "out": str(OUT / "runs" / name.replace(" ", "_"))}
             outcome = launch(pythons[framework], spec, args.timeout)
             results[name].append(outcome)
-            shown = f"{outcome['tokens_per_second']:.1f} tok/s" if outcome.get("tokens_per_second") else outcome.get("error")
+            shown = (f"{outcome['tokens_per_second']:.1f} tok/s" if outcome.get("tokens_per_second")
+                     else outcome.get("error"))
             print(f"[{repeat + 1}/{args.repeats}] {name}: {shown}, peak RSS {outcome['peak_rss_gib']:.2f} GiB, "
                   f"{outcome['seconds']} s", file=sys.stderr)
     report = [f"end: {machine_note()}",

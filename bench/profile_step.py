@@ -3,8 +3,8 @@
     python bench/profile_step.py [--variants padded,varlen,...] [--steps 4] [--rows 40] [--profile VARIANT]
 
 The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca rows from
-data/alpaca_demo.json or `--data FILE`, cutoff 512, 4 samples per step), run in one process so that variants alternate step by step and
-share the machine's conditions. A variant is `layout[+precision][+option]`:
+data/alpaca_demo.json or `--data FILE`, cutoff 512, 4 samples per step), run in one process so that variants
+alternate step by step and share the machine's conditions. A variant is `layout[+precision][+option]`:
 
     layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
     precision  fp32 (default) | autocast (fp32 weights, bf16 autocast) | bf16base (frozen base
@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                         help="cpu: this process's CPU time, steadier than wall time on a busy machine "
                              "(meaningful with --threads 1)")
-    parser.add_argument("--keep-denormals", action="store_true", help="compute subnormal floats (training flushes them)")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="compute subnormal floats (training flushes them)")
     parser.add_argument("--shapes", action="store_true", help="--profile: one row per op and input shape")
     parser.add_argument("--rows-shown", type=int, default=30, help="--profile: rows of the table")
     parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
@@ -107,7 +108,8 @@ def main() -> None:
     def step(model, batch, optimizer, mixed, variant: str) -> float:
         from tunesmith.train import attention
 
-        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), "matmul")
+        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")),
+                                            "matmul")
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
         with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():

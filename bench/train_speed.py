@@ -1,7 +1,8 @@
 """LoRA SFT speed of the default model on real data: non-padding tokens/s, time to the first step, peak RSS.
 
-Workload: 200 alpaca rows (data/alpaca_demo.json repeated, or `--data FILE`; see workload_data.py), cutoff 512, batch 4, LoRA rank 8 on all linear layers,
-fp32 unless told otherwise. Each run is a fresh `tunesmith train` subprocess, as a user runs it.
+Workload: 200 alpaca rows (data/alpaca_demo.json repeated, or `--data FILE`; see workload_data.py), cutoff 512,
+batch 4, LoRA rank 8 on all linear layers, fp32 unless told otherwise. Each run is a fresh `tunesmith train`
+subprocess, as a user runs it.
 
     .venv/bin/python bench/train_speed.py                 # fp32, 25 steps
     .venv/bin/python bench/train_speed.py --steps 10 bf16=true packing=true
@@ -50,7 +51,8 @@ def run_once(steps: int, overrides: list[str], source: Path = ALPACA_DEMO) -> di
         losses = [json.loads(x).get("loss") for x in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     # ru_maxrss of children is the largest child's peak, in KiB on Linux.
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"tokens_per_second": results["train_tokens_per_second"], "first_step_seconds": results["first_step_seconds"],
+    return {"tokens_per_second": results["train_tokens_per_second"],
+            "first_step_seconds": results["first_step_seconds"],
             "peak_rss_gib": round(peak_gib, 2), "wall_seconds": round(wall, 1), "steps": steps,
             "trained_tokens": results["trained_tokens"], "losses": losses}
 

@@ -36,7 +36,8 @@ def identity_dataset(folder: Path, repo_data: Path, rows: int = 12) -> Path:
     return make_dataset(folder, {"ident": {"file_name": "ident.json"}}, {"ident.json": data})
 
 
-def start_api_server(cfg: Path, env: dict[str, str], timeout: float = 240) -> tuple[subprocess.Popen, str, int, list[str]]:
+def start_api_server(cfg: Path, env: dict[str, str],
+                     timeout: float = 240) -> tuple[subprocess.Popen, str, int, list[str]]:
     """`tunesmith api cfg --port 0` as a real subprocess; returns (process, host, port, its stderr lines)."""
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(cfg), "--port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

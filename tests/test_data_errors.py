@@ -105,7 +105,8 @@ def test_empty_assistant_answer(tmp_path):
         "d.json": [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}],
     })
     assert "a.json line 2 (row 0), column 'output': the answer is empty" in load_error(folder, "a")
-    assert "d.json line 2 (row 0), column 'conversations': turn 1 ('gpt'): the answer is empty" in load_error(folder, "s")
+    assert ("d.json line 2 (row 0), column 'conversations': turn 1 ('gpt'): the answer is empty"
+            in load_error(folder, "s"))
 
 
 # Entries a LLaMA-Factory registry may hold that tunesmith refuses (their files need not exist).

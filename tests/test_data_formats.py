@@ -204,7 +204,8 @@ def test_sharegpt_system_turn_column_and_parallel_calls(tmp_path):
     rows = [
         {"conversations": [{"from": "system", "value": "Turn system."}, {"from": "human", "value": "hi"},
                            {"from": "gpt", "value": "hello"}], "sys": "Column system."},
-        {"conversations": [{"from": "human", "value": "3 and 12?"}, {"from": "function_call", "value": json.dumps(calls)},
+        {"conversations": [{"from": "human", "value": "3 and 12?"},
+                           {"from": "function_call", "value": json.dumps(calls)},
                            {"from": "observation", "value": "[3, 12]"}, {"from": "gpt", "value": "3 and 12."}],
          "sys": "Column system."},
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": json.dumps(calls[0])}],

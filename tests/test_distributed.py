@@ -72,7 +72,8 @@ def test_two_processes_equal_one_and_resume_identically(tmp_path, tiny_model_dir
     from tunesmith.train import run_training
 
     single = tmp_path / "single"
-    run_training(load_config(None, run_config(tmp_path, tiny_model_dir, data_dir, single, gradient_accumulation_steps=4)))
+    run_training(load_config(None, run_config(tmp_path, tiny_model_dir, data_dir, single,
+                                              gradient_accumulation_steps=4)))
 
     # 2 processes (torchrun, gloo), batch 1 x accumulation 2 each: the same 4 samples per step
     pair = tmp_path / "pair"

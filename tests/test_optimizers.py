@@ -25,7 +25,8 @@ def one_step(name: str, **train: object) -> tuple[torch.Tensor, torch.Tensor, to
     before = weight.detach().clone()
     weight.grad = torch.randn(64, 64, generator=generator)
     bias.grad = torch.randn(64, generator=generator)
-    optimizer = make_optimizer(name, [{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}],
+    optimizer = make_optimizer(name,
+                               [{"params": [weight], "weight_decay": 0.1}, {"params": [bias], "weight_decay": 0.0}],
                                TrainArgs(**train), CPU)
     optimizer.step()
     return before, weight.grad.clone(), weight.detach().clone(), optimizer

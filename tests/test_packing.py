@@ -314,11 +314,13 @@ def test_concat_layout_lets_packed_samples_see_each_other(implementation):
 
 def test_concat_batch_layout():
     assert "concat" in LAYOUTS
-    a, b, c = Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2), Sample([3, 4], [IGNORE_INDEX, 4], 0)
+    a, b, c = (Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2),
+               Sample([3, 4], [IGNORE_INDEX, 4], 0))
     batch = collate([[a, b], [c]], 1, "concat")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 1, 1, 1]]
     # labels exactly as encoded: b's first label stays trained (predicted from a's last token)
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, 8, 9], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, 8, 9],
+                                        [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4] and batch["position_ids"][1, :2].tolist() == [0, 1]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert int(batch["num_tokens"]) == 7 and batch["sample_index"].tolist() == [4, 2, 0]

@@ -181,7 +181,8 @@ GOLDEN: dict[str, dict] = {
         single_prompt=f"{ALPACA_SYSTEM}### Instruction:\nHi\n\n### Response:\n",
         multi=("Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
                "### Instruction:\n2+2?\n\n### Response:\n4</s>\n\n"),
-        multi_prompt="Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\n2+2?\n\n### Response:\n",
+        multi_prompt=("Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
+                      "### Instruction:\n2+2?\n\n### Response:\n"),
         answers=["Hello!</s>\n\n", "4</s>\n\n"], stop=["</s>"]),
     "vicuna": dict(
         specials=["<s>", "</s>"], bos="<s>", eos="</s>",
@@ -237,8 +238,8 @@ def template_ids(tok, messages, **kwargs) -> list[int]:
 
 def test_every_named_template_has_a_golden():
     assert set(GOLDEN) == set(TEMPLATES)
-    assert {"chatml", "qwen", "qwen3", "qwen3_nothink", "deepseek3", "gemma3", "phi4", "llama3", "llama2", "mistral", "gemma", "glm4", "phi3",
-            "alpaca", "vicuna", "default", "empty"} <= set(template_names())
+    assert {"chatml", "qwen", "qwen3", "qwen3_nothink", "deepseek3", "gemma3", "phi4", "llama3", "llama2", "mistral",
+            "gemma", "glm4", "phi3", "alpaca", "vicuna", "default", "empty"} <= set(template_names())
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))

@@ -32,7 +32,8 @@ from tunesmith.template import (
 
 ARGS = {"ingredients": ["chicken", "rice"]}
 TOOLS = [{"name": "search_recipes", "description": "Search recipes by ingredient",
-          "parameters": {"type": "object", "properties": {"ingredients": {"type": "array", "items": {"type": "string"}}},
+          "parameters": {"type": "object",
+                         "properties": {"ingredients": {"type": "array", "items": {"type": "string"}}},
                          "required": ["ingredients"]}}]
 CONVERSATIONS: dict[str, tuple[list[dict], list | None]] = {
     # Answers whose first character merges with the end of many prompts ("Assistant:" + '"').

@@ -438,7 +438,8 @@ def workspace(tmp_path_factory, default_model_dir) -> Iterator[Workspace]:
     (root / "link-out").symlink_to(outside, target_is_directory=True)
     (root / "secret-link.yaml").symlink_to(outside / "secret.yaml")
     (root / "data").mkdir()
-    (root / "data" / "dataset_info.json").write_text(json.dumps({"escape": {"file_name": "../../outside/data/leak.json"}}))
+    (root / "data" / "dataset_info.json").write_text(
+        json.dumps({"escape": {"file_name": "../../outside/data/leak.json"}}))
     env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_WEBUI_AUTH"}
     server, url = _start_webui(base, ["--root", str(root), "--auth", ":".join(LOGIN)], env)
     try:
@@ -464,7 +465,8 @@ def test_config_paths_outside_the_root_are_refused(workspace):
         assert f"outside the workspace root {workspace.root}" in message, (path, message)
     assert sorted(p.name for p in workspace.outside.iterdir()) == ["data", "secret.yaml"]  # nothing written
     message = _message(workspace.call("/save_config", "configs/mine.yaml", *workspace.form(learning_rate=0.003), ""))
-    assert message.startswith("Saved") and "learning_rate: 0.003" in (workspace.root / "configs" / "mine.yaml").read_text()
+    assert message.startswith("Saved")
+    assert "learning_rate: 0.003" in (workspace.root / "configs" / "mine.yaml").read_text()
     loaded = workspace.call("/load_config", "configs/mine.yaml")
     assert _message(loaded).startswith("Loaded") and {"value": 0.003, "__type__": "update"} in loaded
 

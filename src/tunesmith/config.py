@@ -581,7 +581,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise UserError(f"config file not found: {p}", hint="pass the path of a YAML file, e.g. examples/demo_identity_lora.yaml")
+            raise UserError(f"config file not found: {p}",
+                            hint="pass the path of a YAML file, e.g. examples/demo_identity_lora.yaml")
         text = p.read_text(encoding="utf-8")
         try:
             loaded = yaml.safe_load(text)
@@ -603,7 +604,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     for origin, mapping in (("file", raw), ("cli", cli)):
         for key, value in mapping.items():
             key = str(key)
-            where = (f"{source}, line {lines[key]}" if key in lines else str(source)) if origin == "file" else "command line"
+            where = ((f"{source}, line {lines[key]}" if key in lines else str(source)) if origin == "file"
+                     else "command line")
             if key in UNSUPPORTED_KEYS:
                 if _is_off(key, value):
                     continue
@@ -665,8 +667,9 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "warmup_steps": (0, None, True, True), "weight_decay": (0, None, True, True), "adam_beta1": (0, 1, True, False),
     "adam_beta2": (0, 1, True, False), "adam_epsilon": (0, None, False, True), "max_grad_norm": (0, None, True, True),
     "seed": (0, 2**32 - 1, True, True), "logging_steps": (1, None, True, True), "save_steps": (0, None, True, True),
-    "save_total_limit": (1, None, True, True), "eval_steps": (1, None, True, True), "ddp_timeout": (1, None, True, True),
-    "max_skipped_steps": (1, None, True, True), "export_size": (0, None, False, True),
+    "save_total_limit": (1, None, True, True), "eval_steps": (1, None, True, True),
+    "ddp_timeout": (1, None, True, True), "max_skipped_steps": (1, None, True, True),
+    "export_size": (0, None, False, True),
     "temperature": (0, None, True, True), "top_p": (0, 1, False, True), "top_k": (0, None, True, True),
     "max_new_tokens": (1, None, True, True), "repetition_penalty": (0, None, False, True),
 }

@@ -229,7 +229,8 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp's name for the way this tokenizer splits text; 'default' (with a warning) if unknown."""
     parts = _walk(spec.get("pre_tokenizer"))
     kinds = [p.get("type") for p in parts if p.get("type") != "Sequence"]
-    splits = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split" and isinstance(p.get("pattern"), dict)]
+    splits = [p["pattern"].get("Regex") for p in parts
+              if p.get("type") == "Split" and isinstance(p.get("pattern"), dict)]
     if len(splits) == 1 and splits[0] in PRE_TOKENIZER_NAMES:
         return PRE_TOKENIZER_NAMES[splits[0]]
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
@@ -452,6 +453,6 @@ def export_gguf(model: Any, tokenizer: Any, gguf_type: str, folder: Path, chat_p
     return path, check
 
 
-__all__ = ["FAMILIES", "GGUF_TEST_TEXT", "GGUF_TYPES", "GgufCheck", "GgufExportError", "compare_logits", "prompt_logits",
-           "export_gguf", "family_of", "gguf_file_name", "gguf_vocab", "load_gguf_model", "verify_gguf",
-           "write_gguf"]
+__all__ = ["FAMILIES", "GGUF_TEST_TEXT", "GGUF_TYPES", "GgufCheck", "GgufExportError", "compare_logits",
+           "prompt_logits", "export_gguf", "family_of", "gguf_file_name", "gguf_vocab", "load_gguf_model",
+           "verify_gguf", "write_gguf"]

@@ -258,7 +258,8 @@ _MISTRAL = r"""
 {%- set ns = namespace(index=0) -%}
 {%- for message in turns if not (message['role'] == 'tool' or message.tool_calls) -%}
   {%- if (message['role'] == 'user') != (ns.index % 2 == 0) -%}
-    {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}
+    {{- raise_exception('After the optional system message, conversation roles must alternate '
+                        ~ 'user/assistant/user/assistant/...') -}}
   {%- endif -%}
   {%- set ns.index = ns.index + 1 -%}
 {%- endfor -%}
@@ -291,7 +292,8 @@ _MISTRAL = r"""
     {%- endif -%}
     {{- '}[/TOOL_RESULTS]' -}}
   {%- else -%}
-    {{- raise_exception('Only user, assistant and tool roles are supported, with the exception of an initial optional system message!') -}}
+    {{- raise_exception('Only user, assistant and tool roles are supported, '
+                        ~ 'with the exception of an initial optional system message!') -}}
   {%- endif -%}
 {%- endfor -%}
 """
@@ -319,10 +321,12 @@ _GEMMA = r"""
 _GLM4 = r"""
 {{- '[gMASK]<sop>' -}}
 {%- if tools -%}
-  {{- '<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具' -}}
+  {{- '<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，'
+      ~ '你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具' -}}
   {%- for tool in tools -%}
     {%- set fn = tool.function if tool.function is defined else tool -%}
-    {{- '\n\n## ' + fn.name + '\n\n' + fn | tojson(indent=4) + '\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}
+    {{- '\n\n## ' + fn.name + '\n\n' + fn | tojson(indent=4)
+        + '\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}
   {%- endfor -%}
 {%- endif -%}
 {%- for message in messages -%}
@@ -363,7 +367,8 @@ _ALPACA = r"""
   {{- messages[0]['content'] -}}
   {%- set turns = messages[1:] -%}
 {%- else -%}
-  {{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' -}}
+  {{- 'Below is an instruction that describes a task. '
+      ~ 'Write a response that appropriately completes the request.\n\n' -}}
   {%- set turns = messages -%}
 {%- endif -%}
 {%- for message in turns -%}
@@ -380,7 +385,8 @@ _VICUNA = r"""
   {{- messages[0]['content'] + ' ' -}}
   {%- set turns = messages[1:] -%}
 {%- else -%}
-  {{- "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. " -}}
+  {{- "A chat between a curious user and an artificial intelligence assistant. "
+      ~ "The assistant gives helpful, detailed, and polite answers to the user's questions. " -}}
   {%- set turns = messages -%}
 {%- endif -%}
 {%- for message in turns -%}
@@ -425,10 +431,12 @@ TEMPLATES: dict[str, NamedTemplate] = {
                                    "Qwen3 Instruct-2507 (non-thinking models): ChatML, no default system, answers "
                                    "without <think> blocks; tools as in qwen. For hybrid Qwen3 models use qwen3."),
     "llama3": NamedTemplate(_LLAMA3, ("<|eot_id|>",),
-                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed; "
-                            "tools as Llama 3.1 JSON calls ({\"name\", \"parameters\"}, results as ipython)."),
+                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; "
+                            "contents trimmed; tools as Llama 3.1 JSON calls ({\"name\", \"parameters\"}, "
+                            "results as ipython)."),
     "llama2": NamedTemplate(_LLAMA2, (EOS,),
-                            "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; roles must alternate."),
+                            "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; "
+                            "roles must alternate."),
     "mistral": NamedTemplate(_MISTRAL, (EOS,),
                              "Mistral Instruct: <s>[INST] ... [/INST]answer</s>; a system message joins the "
                              "first instruction; roles must alternate; tools as Mistral v0.3 ([AVAILABLE_TOOLS], "
@@ -446,9 +454,11 @@ TEMPLATES: dict[str, NamedTemplate] = {
                             "Gemma 3: as gemma (a system message opens the first user turn, contents trimmed)."),
     "phi4": NamedTemplate(_PHI4, ("<|im_end|>",), "Phi-4: <|im_start|>role<|im_sep|> ... <|im_end|>, no newlines."),
     "phi3": NamedTemplate(_PHI3, ("<|end|>",), "Phi-3 / Phi-3.5: <|role|>\\n ... <|end|>\\n."),
-    "alpaca": NamedTemplate(_ALPACA, (), "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
+    "alpaca": NamedTemplate(_ALPACA, (),
+                            "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
     "vicuna": NamedTemplate(_VICUNA, (), "Vicuna v1.1: system USER: ... ASSISTANT: answer</s>."),
-    "default": NamedTemplate(_DEFAULT, (), "LLaMA-Factory default: System:/Human:/Assistant: with eos after each turn."),
+    "default": NamedTemplate(_DEFAULT, (),
+                             "LLaMA-Factory default: System:/Human:/Assistant: with eos after each turn."),
     "empty": NamedTemplate(_EMPTY, (), "The contents alone, concatenated (no markers, no eos)."),
 }
 

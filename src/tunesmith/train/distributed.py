@@ -108,7 +108,8 @@ def relaunch_command(args: list[str], env: Mapping[str, str], gpu_count: int,
     if nnodes > 1 and not master_addr:
         raise UserError(f"NNODES={nnodes}: set MASTER_ADDR to the address of the node with NODE_RANK=0 "
                         "(the same value on every node).",
-                        hint="e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 tunesmith train cfg.yaml")
+                        hint="e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 "
+                             "tunesmith train cfg.yaml")
     # Several nodes must agree on the port, so they get torchrun's fixed default; one node takes a free one.
     default_port = 29500 if nnodes > 1 else free_port()
     master_port = _env_int(env, "MASTER_PORT", default_port)
@@ -315,7 +316,8 @@ def fsdp_plugin_kwargs(path: str | Path) -> dict[str, Any]:
     kwargs.setdefault("state_dict_type", "FULL_STATE_DICT")
     if str(kwargs["state_dict_type"]).upper() != "FULL_STATE_DICT":
         raise UserError(f"{p}: fsdp_state_dict_type is {kwargs['state_dict_type']!r}; tunesmith writes "
-                        "standard model folders and needs FULL_STATE_DICT.", hint="set fsdp_state_dict_type: FULL_STATE_DICT")
+                        "standard model folders and needs FULL_STATE_DICT.",
+                        hint="set fsdp_state_dict_type: FULL_STATE_DICT")
     if isinstance(kwargs.get("auto_wrap_policy"), str):
         kwargs["auto_wrap_policy"] = kwargs["auto_wrap_policy"].lower()
     if isinstance(kwargs.get("transformer_cls_names_to_wrap"), str):
@@ -373,7 +375,8 @@ def accelerator_kwargs(cfg: Any, device: torch.device, mixed: str) -> dict[str, 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(**plugin_kwargs, zero3_init_flag=False)
         if device.type == "cpu":  # accelerate drops DeepSpeed when told cpu=True, and has no CPU backend for it
             kwargs["cpu"] = False
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=t.ddp_timeout))]
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo",
+                                                                timeout=timedelta(seconds=t.ddp_timeout))]
         kwargs["gradient_accumulation_steps"] = plugin_kwargs["gradient_accumulation_steps"]
     elif fsdp_path:
         if device.type != "cuda":

@@ -29,7 +29,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a resumed run is about to write again
-            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"),
+                                        purge_step=start_step + 1 if start_step else None)
         self.output_dir = output_dir
         self.trackers = trackers or []  # MLflow / W&B runs (train/trackers.py)
 
@@ -91,7 +92,8 @@ class StepMeter:
         tokens = int(weight) * sum(int(b["num_tokens"]) for b in batches)
         self.tokens += tokens
         self.slots += int(weight) * sum(b["input_ids"].numel() for b in batches)
-        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]),
+                                                        int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
                                                         int(b["attention_pairs"])) for b in batches)
         self.loss += loss if applied else 0.0  # a skipped step (nan_policy: skip) has no loss to average
         self.steps += int(applied)
