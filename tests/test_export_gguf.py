@@ -205,8 +205,7 @@ def test_unmapped_architecture_is_refused_by_name(tmp_path, tokenizer, default_m
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     target = tmp_path / "out"
-    cfg = load_config(None, {"model_name_or_path": str(folder), "output_dir": str(tmp_path / "none"),
-                             "export_dir": str(target), "export_gguf": "q8_0"})
+    cfg = load_config(None, {"model_name_or_path": str(folder), "export_dir": str(target), "export_gguf": "q8_0"})
     with pytest.raises(UserError, match=r"architecture 'gpt2' \(GPT2LMHeadModel\) has no GGUF mapping"):
         run_export(cfg)
     assert not target.exists()

@@ -340,7 +340,7 @@ def _resume(setup: RunSetup, module: Any, optimizer: Any, scheduler: Any, plan: 
         _load_weights(accelerator.unwrap_model(module).model, resume_dir)
         state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
         distributed.restore_rank_rng(accelerator, resume_dir)
-    _check_resumed_settings(setup, state)
+    _check_resumed_settings(setup, state, scheduler, optimizer)
     if setup.main:  # the log reads as if the run had never stopped
         run_folder.trim_log(setup.out / "trainer_log.jsonl", state["global_step"])
     if state.get("plan") != [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps]:
@@ -351,7 +351,18 @@ def _resume(setup: RunSetup, module: Any, optimizer: Any, scheduler: Any, plan: 
     return state
 
 
-def _check_resumed_settings(setup: RunSetup, state: dict[str, Any]) -> None:
+def _rescale_learning_rate(scheduler: Any, optimizer: Any, old: float, new: float) -> None:
+    """The checkpoint's schedule carries its peak rates (base_lrs, per parameter group, LoRA+ factors
+    included); a changed learning_rate scales them, and the current rates, by new / old."""
+    factor = new / old
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+
+
+def _check_resumed_settings(setup: RunSetup, state: dict[str, Any], scheduler: Any, optimizer: Any) -> None:
     """A resume continues the checkpoint's run: keys that change the math must be the same, unless
     resume_allow_changes says otherwise (then the differences are said and logged)."""
     saved = state.get("config")
@@ -366,6 +377,8 @@ def _check_resumed_settings(setup: RunSetup, state: dict[str, Any]) -> None:
         raise UserError(f"resume_from_checkpoint: {setup.resume_dir} was trained with other settings: {listing}.",
                         hint="resume with the checkpoint's settings, start afresh with overwrite_output_dir: true, "
                              "or set resume_allow_changes: true to continue with the new values.")
+    if "learning_rate" in changed:
+        _rescale_learning_rate(scheduler, optimizer, *changed["learning_rate"])
     if setup.main:
         print(f"warning: resuming {setup.resume_dir} with changed settings (resume_allow_changes): {listing}.",
               file=sys.stderr)
