@@ -61,7 +61,7 @@ def test_second_call_loads_from_cache(tokenizer, data_dir, cache_home, capsys):
     assert second.from_cache and second.key == first.key
     assert as_tuples(second.train) == as_tuples(first.train)
     assert second.report == first.report
-    assert "Loaded tokenized data from the cache" in capsys.readouterr().err
+    assert "Opened tokenized data from the cache" in capsys.readouterr().err
     # the stored samples are what encode() gives
     direct = encode(_first_identity_conv(data_dir), tokenizer, DataArgs(cutoff_len=256))
     assert as_tuples(second.train[:1]) == as_tuples([direct])

@@ -1,0 +1,235 @@
+"""The token store: tokenized samples on disk as numpy files, read lazily through memory maps.
+
+A store folder holds one sub-folder per chunk of input rows (`chunks/<split>-<number>`), each
+written whole into a temporary sibling and renamed into place, so a chunk that exists is
+complete; `meta.json` is written last and marks the whole store complete. A chunk holds:
+
+- `ids.npy` (int32) and `trained.npy` (bool): the tokens of its samples laid end to end, and
+  whether each token is trained (its label is its id, else -100);
+- `index.npy`: one record per sample: length, start in ids.npy, dataset, row, trained-token
+  count and flags (truncated, and the facts the preflight checks read);
+- `summary.json`: the rows the chunk read, the rows it dropped (with reasons) and the rows it
+  could not read (with file, row, line and column), and the columns it saw.
+
+Opening a store maps the token files and reads the small index arrays: memory does not grow with
+the number of tokens, and per-sample Python objects exist only for the samples asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from tunesmith.data.batching import Sample
+from tunesmith.data.encode import IGNORE_INDEX, Encoded
+
+STORE_FORMAT = "2"
+INDEX_DTYPE = np.dtype([("length", np.int32), ("start", np.int64), ("dataset", np.int32), ("row", np.int64),
+                        ("trained", np.int32), ("flags", np.uint8)])
+
+# Per-sample flags (the preflight reads them instead of every token).
+TRUNCATED = 1
+END_OF_TURN_TRAINED = 2
+HAS_EOS = 4
+EOS_TRAINED = 8
+DOUBLE_BOS = 16
+
+
+def chunk_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}"
+
+
+def chunk_done(folder: Path, split: str, number: int) -> bool:
+    return (folder / "chunks" / chunk_name(split, number) / "summary.json").exists()
+
+
+def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded], dataset_ids: Sequence[int],
+                flags: Sequence[int], summary: dict[str, Any]) -> None:
+    """One chunk's files, written into a temporary folder and renamed into place (atomic)."""
+    chunks = folder / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    final = chunks / chunk_name(split, number)
+    tmp = chunks / f".tmp-{chunk_name(split, number)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    index = np.zeros(len(samples), dtype=INDEX_DTYPE)
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    index["length"] = lengths
+    if len(samples):
+        index["start"][1:] = np.cumsum(lengths)[:-1]
+    index["dataset"] = np.asarray(dataset_ids, dtype=np.int32)
+    index["row"] = np.fromiter((s.source[1] for s in samples), dtype=np.int64, count=len(samples))
+    index["flags"] = np.asarray(flags, dtype=np.uint8)
+    total = int(lengths.sum())
+    ids = np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=total)
+    trained = np.fromiter((lab != IGNORE_INDEX for s in samples for lab in s.labels), dtype=np.bool_, count=total)
+    if len(samples):
+        index["trained"] = np.add.reduceat(trained.astype(np.int32), index["start"]) if total else 0
+    np.save(tmp / "ids.npy", ids)
+    np.save(tmp / "trained.npy", trained)
+    np.save(tmp / "index.npy", index)
+    (tmp / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    if final.exists():  # written by another process meanwhile: same inputs, same content
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            raise
+
+
+def chunk_summaries(folder: Path, split: str) -> list[dict[str, Any]]:
+    return [json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in _chunk_dirs(folder, split)]
+
+
+def _chunk_dirs(folder: Path, split: str) -> list[Path]:
+    chunks = folder / "chunks"
+    if not chunks.is_dir():
+        return []
+    return sorted(d for d in chunks.iterdir() if d.name.startswith(f"{split}-") and (d / "summary.json").exists())
+
+
+class StoreSplit:
+    """Every sample of one split (train or eval data) of a store, in dataset order."""
+
+    def __init__(self, folder: Path, split: str, datasets: list[str]) -> None:
+        self.datasets = datasets
+        dirs = _chunk_dirs(Path(folder), split)
+        self._ids = [np.load(d / "ids.npy", mmap_mode="r") for d in dirs]
+        self._trained = [np.load(d / "trained.npy", mmap_mode="r") for d in dirs]
+        indexes = [np.load(d / "index.npy") for d in dirs]
+        counts = np.array([len(x) for x in indexes], dtype=np.int64)
+        self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, trained) of sample i, as views of the mapped files."""
+        chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
+        rec = self.index[i]
+        start, length = int(rec["start"]), int(rec["length"])
+        return self._ids[chunk][start : start + length], self._trained[chunk][start : start + length]
+
+
+class SampleView(Sequence[Encoded]):
+    """A lazy sequence of Encoded samples over a store split, optionally through an index array
+    (the train or eval part of a val_size split). Only the samples asked for become Python lists."""
+
+    def __init__(self, split: StoreSplit, positions: np.ndarray | None = None) -> None:
+        self._split = split
+        self._positions = positions
+
+    def _pos(self, i: int) -> int:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return int(self._positions[i]) if self._positions is not None else i
+
+    def __len__(self) -> int:
+        return len(self._positions) if self._positions is not None else len(self._split)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, i: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        p = self._pos(i)
+        ids, trained = self._split.tokens(p)
+        id_list = ids.tolist()
+        labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+        rec = self._split.index[p]
+        return Encoded(input_ids=id_list, labels=labels,
+                       source=(self._split.datasets[int(rec["dataset"])], int(rec["row"])),
+                       truncated=bool(rec["flags"] & TRUNCATED))
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def records(self) -> np.ndarray:
+        """The index records (length, dataset, row, trained, flags) of these samples, in order."""
+        return self._split.index if self._positions is None else self._split.index[self._positions]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.records["length"].astype(np.int64)
+
+    @property
+    def sources(self) -> SourceList:
+        return SourceList(self)
+
+    def source(self, i: int) -> tuple[str, int]:
+        rec = self._split.index[self._pos(i)]
+        return self._split.datasets[int(rec["dataset"])], int(rec["row"])
+
+    def training_sample(self, i: int) -> Sample:
+        p = self._pos(i)
+        ids, trained = self._split.tokens(p)
+        return Sample(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), i)
+
+    def as_samples(self) -> TrainingSamples:
+        return TrainingSamples(self)
+
+
+class SourceList(Sequence[tuple[str, int]]):
+    """(dataset, row) of each sample of a view, made on demand (for messages about a sample)."""
+
+    def __init__(self, view: SampleView) -> None:
+        self._view = view
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._view.source(k) for k in range(*i.indices(len(self)))]
+        return self._view.source(i)
+
+
+class TrainingSamples(Sequence[Sample]):
+    """The samples the training loop batches, read from the store when a micro-batch is built;
+    `lengths` (numpy) is all the planner needs."""
+
+    def __init__(self, view: SampleView) -> None:
+        self._view = view
+        self.lengths = view.lengths
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._view.training_sample(k) for k in range(*i.indices(len(self)))]
+        return self._view.training_sample(i)
+
+
+def sample_lengths(samples: Sequence[Any]) -> np.ndarray:
+    """Token counts of a sequence of samples: the stored array when the samples come from a store."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
