@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tunesmith.data.batching import (
     split_varlen,
 )
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.store import sample_lengths
 from tunesmith.errors import UserError
 from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training
 from tunesmith.model.load import load_adapters, load_model, load_tokenizer
@@ -84,14 +85,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _to_samples(encoded: list[Any]) -> list[Sample]:
+def _to_samples(encoded: Sequence[Any]) -> Sequence[Sample]:
+    """The samples as the loop batches them: read from the token store one micro-batch at a time
+    (data held in memory, e.g. by tests, is wrapped as is)."""
+    if hasattr(encoded, "as_samples"):
+        return encoded.as_samples()
     return [Sample(e.input_ids, e.labels, i) for i, e in enumerate(encoded)]
 
 
 class MicroBatches(torch.utils.data.Dataset):
     """The micro-batches one rank processes in one epoch, collated (in workers if asked)."""
 
-    def __init__(self, samples: list[Sample], plan: list[list[list[int]]], layout: str, pad_id: int) -> None:
+    def __init__(self, samples: Sequence[Sample], plan: list[list[list[int]]], layout: str, pad_id: int) -> None:
         self.samples, self.plan, self.layout, self.pad_id = samples, plan, layout, pad_id
 
     def __len__(self) -> int:
@@ -178,9 +183,9 @@ class RunSetup:
     out: Path
     resume_dir: Path | None
     tokenizer: Any
-    train_sources: list[tuple[str, int]]  # (dataset, row) of each training sample, for messages
-    train_samples: list[Sample]
-    eval_samples: list[Sample]
+    train_sources: Sequence[tuple[str, int]]  # (dataset, row) of each training sample, for messages
+    train_samples: Sequence[Sample]  # lazy: read from the token store when batched
+    eval_samples: Sequence[Sample]
     model: Any
 
     @property
@@ -246,7 +251,8 @@ def open_run(cfg: RunConfig, started: float) -> RunSetup:
     set_seed(cfg.train.seed)
     tokenizer, data = _load_data(cfg, accelerator, out)
     model = _load_model(cfg, accelerator, mixed)
-    return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, [e.source for e in data.train],
+    sources = data.train.sources if hasattr(data.train, "sources") else [e.source for e in data.train]
+    return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, sources,
                     _to_samples(data.train), _to_samples(data.eval), model)
 
 
@@ -264,17 +270,37 @@ def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | Non
 
 
 def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
-    """Tokenized once (main process first; the others read its cache), then the preflight checks."""
-    from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.data.preflight import preflight
+    """Tokenized once into the token store, every process tokenizing its share of the chunks and
+    polling the store for the rest (no collective waits out the tokenization); then the preflight."""
+    from tunesmith.data.pipeline import discard_store, tokenize_datasets
 
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():
-        data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator), tokenizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and cfg.data.overwrite_cache:
+        if accelerator.is_main_process:  # before any rank could open the old store
+            discard_store(_store_target(cfg, tokenizer))
+        accelerator.wait_for_everyone()
+    data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator) if world > 1 else cfg, tokenizer,
+                             rank=rank, world=world)
+    return tokenizer, _checked(data, tokenizer, cfg, out, accelerator)
+
+
+def _store_target(cfg: RunConfig, tokenizer: Any) -> Path:
+    from tunesmith.data.pipeline import cache_key, data_fingerprint, store_target
+
+    d = cfg.data
+    eval_fp = data_fingerprint(list(d.eval_dataset or []), d.dataset_dir) if d.eval_dataset else ""
+    return store_target(cfg, cache_key(cfg, tokenizer, data_fingerprint(list(d.dataset or []), d.dataset_dir),
+                                       eval_fp))
+
+
+def _checked(data: Any, tokenizer: Any, cfg: RunConfig, out: Path, accelerator: Any) -> Any:
+    from tunesmith.data.preflight import preflight
+
     if not data.train:
         raise UserError("no training samples are left after tokenization (see the report above).")
     preflight(data.train, tokenizer, cfg, out if accelerator.is_main_process else None)
-    return tokenizer, data
+    return data
 
 
 def _load_model(cfg: RunConfig, accelerator: Any, mixed: str) -> Any:
@@ -298,7 +324,7 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
     flops = flop_counts(setup.model)
     module = SFTModule(setup.model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
-    lengths = [len(s.input_ids) for s in setup.train_samples]
+    lengths = sample_lengths(setup.train_samples)
     n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
                                      shuffle=False, packing=setup.packing, max_len=cfg.data.cutoff_len))
     plan = make_plan(n_micro, cfg, accelerator.num_processes)
@@ -402,7 +428,7 @@ def train(trainer: Trainer) -> dict[str, Any]:
     setup, plan = trainer.setup, trainer.plan
     cfg, accelerator = setup.cfg, setup.accelerator
     trainer.module.train()
-    lengths = [len(s.input_ids) for s in setup.train_samples]
+    lengths = sample_lengths(setup.train_samples)
     first_step_seconds = None
     eval_loss = None
     last_batch = None
@@ -518,7 +544,7 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     return TrainResult(results, model)
 
 
-def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
+def step_batches(samples: Sequence[Sample], lengths: Sequence[int], plan: StepPlan, cfg: RunConfig, start_step: int,
                  accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
