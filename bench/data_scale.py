@@ -87,9 +87,9 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
             "exit": os.waitstatus_to_exitcode(status)}
 
 
-def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, extra: dict | None = None,
+def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, model: str, extra: dict | None = None,
                   kill_when: object = None, name: str = "run") -> dict:
-    cfg = {"dataset": "bench", "dataset_dir": str(data), "cutoff_len": 512, "finetuning_type": "lora",
+    cfg = {"model_name_or_path": model, "dataset": "bench", "dataset_dir": str(data), "cutoff_len": 512, "finetuning_type": "lora",
            "max_steps": 1, "per_device_train_batch_size": 1, "preprocessing_num_workers": workers,
            "output_dir": str(out / name), "overwrite_output_dir": True, "save_steps": 0, "report_to": "none",
            "plot_loss": False, **(extra or {})}
@@ -142,9 +142,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    from tunesmith.model.provision import default_model_dir
+    from tunesmith.model.provision import provision_default_model
 
-    model = str(default_model_dir())
+    model = str(provision_default_model())  # from the usual cache: the runs' own caches hold only data
     sides, scenarios = args.sides.split(","), args.scenarios.split(",")
     report: dict = {}
     for rows in [int(r) for r in args.rows.split(",")]:
@@ -156,17 +156,17 @@ def main() -> None:
         got: dict = {}
         if "tunesmith" in sides:
             if "first" in scenarios:
-                got["first"] = tunesmith_run(data, out, cache, args.workers, name="first")
+                got["first"] = tunesmith_run(data, out, cache, args.workers, model, name="first")
             if "second" in scenarios:
-                got["second"] = tunesmith_run(data, out, cache, args.workers, name="second")
+                got["second"] = tunesmith_run(data, out, cache, args.workers, model, name="second")
             if "streaming" in scenarios:
-                got["streaming"] = tunesmith_run(data, out, out / "cache-streaming", args.workers,
+                got["streaming"] = tunesmith_run(data, out, out / "cache-streaming", args.workers, model,
                                                  {"streaming": True}, name="streaming")
             if "restart" in scenarios:
                 fresh = out / "cache-restart"
-                got["killed"] = tunesmith_run(data, out, fresh, args.workers, kill_when=half_written(fresh, rows),
+                got["killed"] = tunesmith_run(data, out, fresh, args.workers, model, kill_when=half_written(fresh, rows),
                                               name="killed")
-                got["restarted"] = tunesmith_run(data, out, fresh, args.workers, name="restarted")
+                got["restarted"] = tunesmith_run(data, out, fresh, args.workers, model, name="restarted")
         if "lf" in sides:
             got["llamafactory"] = lf_run(data, out, args.workers, model)
         report[rows] = got

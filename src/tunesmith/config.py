@@ -78,6 +78,9 @@ class DataArgs:
     overwrite_cache: bool = opt(False, "Re-tokenize even when a cached result exists.")
     skip_invalid: bool = opt(False, "Skip invalid rows (reported) instead of stopping.")
     shuffle: bool = opt(True, "Shuffle the training samples each epoch (with `seed`).")
+    streaming: bool = opt(False, "Read and tokenize the data while training, with no token store (needs "
+                          "max_steps); the order is shuffled through a buffer of buffer_size rows.")
+    buffer_size: int = opt(16384, "Rows in the shuffle buffer of a streaming run.")
     preflight: str = opt("strict", "Data checks before step 1 (saved as preflight.txt): strict stops on a fatal "
                          "finding, warn only reports it.", ("strict", "warn"))
 
@@ -169,7 +172,7 @@ MATH_KEYS: tuple[str, ...] = (
     "shuffle", "finetuning_type", "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "additional_target",
     "freeze_trainable_layers", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy", "streaming", "buffer_size",
 )
 
 GROUPS: dict[str, type] = {
@@ -192,8 +195,6 @@ IGNORED_KEYS: dict[str, str] = {
     "logging_dir": "TensorBoard logs go to output_dir/runs",
     "save_strategy": "checkpoints follow save_steps",
     "use_fast_tokenizer": "fast tokenizers are required",
-    "streaming": "datasets are read whole",
-    "buffer_size": "datasets are read whole",
     "enable_thinking": "the template decides",
 }
 
@@ -462,6 +463,13 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError(f"{where}: 'warmup_ratio' must be in [0, 1), got {t.warmup_ratio}.")
     if not 0 <= f.lora_dropout < 1:
         raise UserError(f"{where}: 'lora_dropout' must be in [0, 1), got {f.lora_dropout}.")
+    if d.streaming and t.max_steps <= 0:
+        raise UserError(f"{where}: 'streaming: true' needs 'max_steps' (a stream has no known length).")
+    if d.streaming and d.val_size > 0:
+        raise UserError(f"{where}: 'val_size' splits stored samples, and 'streaming: true' stores none.",
+                        hint="give the eval rows as 'eval_dataset', or turn streaming off.")
+    if d.buffer_size <= 0:
+        raise UserError(f"{where}: 'buffer_size' must be at least 1, got {d.buffer_size}.")
     if d.packing_contamination and d.neat_packing:
         raise UserError(f"{where}: 'neat_packing: true' keeps packed samples apart and 'packing_contamination: "
                         "true' lets them attend to each other; choose one.")

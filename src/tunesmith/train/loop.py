@@ -25,12 +25,14 @@ from tunesmith.data.batching import (
     Sample,
     collate,
     collate_padded,
+    pack_best_fit,
     pad_varlen,
     plan_micro_batches,
     split_varlen,
 )
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.store import sample_lengths
+from tunesmith.data.streaming import SampleStream
 from tunesmith.errors import UserError
 from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training
 from tunesmith.model.load import load_adapters, load_model, load_tokenizer
@@ -249,11 +251,39 @@ def open_run(cfg: RunConfig, started: float) -> RunSetup:
     accelerator = distributed.make_accelerator(cfg, device, mixed)
     out, resume_dir = _take_output_dir(cfg, accelerator)
     set_seed(cfg.train.seed)
+    if cfg.data.streaming:
+        tokenizer, stream, evals = _open_stream(cfg, accelerator, out)
+        model = _load_model(cfg, accelerator, mixed)
+        return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, stream.sources, stream,
+                        _to_samples(evals), model)
     tokenizer, data = _load_data(cfg, accelerator, out)
     model = _load_model(cfg, accelerator, mixed)
     sources = data.train.sources if hasattr(data.train, "sources") else [e.source for e in data.train]
     return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, sources,
                     _to_samples(data.train), _to_samples(data.eval), model)
+
+
+PREFLIGHT_STREAM_SAMPLES = 256
+
+
+def _open_stream(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, SampleStream, list[Any]]:
+    """A streaming run's sample stream (read and tokenized while training), its eval samples (read
+    whole) and the preflight on the stream's first samples."""
+    import copy
+    import itertools
+
+    from tunesmith.data.preflight import preflight
+
+    tokenizer = load_tokenizer(cfg.model)
+    stream = SampleStream(cfg, tokenizer)
+    evals: list[Any] = []
+    if cfg.data.eval_dataset:
+        eval_cfg = copy.deepcopy(cfg)
+        eval_cfg.data.dataset, eval_cfg.data.shuffle = list(cfg.data.eval_dataset), False
+        evals = SampleStream(eval_cfg, tokenizer).first_pass()
+    first = list(itertools.islice(iter(SampleStream(cfg, tokenizer)), PREFLIGHT_STREAM_SAMPLES))
+    preflight(first, tokenizer, cfg, out if accelerator.is_main_process else None)
+    return tokenizer, stream, evals
 
 
 def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | None]:
@@ -324,9 +354,12 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
     flops = flop_counts(setup.model)
     module = SFTModule(setup.model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
-    lengths = sample_lengths(setup.train_samples)
-    n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
-                                     shuffle=False, packing=setup.packing, max_len=cfg.data.cutoff_len))
+    if isinstance(setup.train_samples, SampleStream):  # one pass of the plan: the run's max_steps
+        n_micro = t.max_steps * t.gradient_accumulation_steps * accelerator.num_processes
+    else:
+        n_micro = len(plan_micro_batches(sample_lengths(setup.train_samples), batch_size=t.per_device_train_batch_size,
+                                         seed=t.seed, epoch=0, shuffle=False, packing=setup.packing,
+                                         max_len=cfg.data.cutoff_len))
     plan = make_plan(n_micro, cfg, accelerator.num_processes)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.total_steps)
     module, optimizer = distributed.prepare(accelerator, module, optimizer)
@@ -428,7 +461,7 @@ def train(trainer: Trainer) -> dict[str, Any]:
     setup, plan = trainer.setup, trainer.plan
     cfg, accelerator = setup.cfg, setup.accelerator
     trainer.module.train()
-    lengths = sample_lengths(setup.train_samples)
+    lengths = None if isinstance(setup.train_samples, SampleStream) else sample_lengths(setup.train_samples)
     first_step_seconds = None
     eval_loss = None
     last_batch = None
@@ -544,7 +577,7 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     return TrainResult(results, model)
 
 
-def step_batches(samples: Sequence[Sample], lengths: Sequence[int], plan: StepPlan, cfg: RunConfig, start_step: int,
+def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int] | None, plan: StepPlan, cfg: RunConfig, start_step: int,
                  accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
     """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
@@ -558,6 +591,15 @@ def step_batches(samples: Sequence[Sample], lengths: Sequence[int], plan: StepPl
     # this many tokens bound the kernels (and put fp32 on oneDNN, train/kernels.py). Sharded runs
     # keep the library forwards, whose fp32 products don't take oneDNN.
     row_multiple = cpu_row_multiple(t.bf16) if on_cpu and not distributed.is_sharded(accelerator) else None
+
+    def pieces_of(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        pieces = split_varlen(batch, budget)
+        return [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
+
+    if isinstance(samples, SampleStream):
+        yield from _stream_step_batches(samples, plan, cfg, start_step, accelerator, layout, pad_id, pieces_of)
+        return
+    assert lengths is not None
     step = start_step
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
@@ -575,9 +617,31 @@ def step_batches(samples: Sequence[Sample], lengths: Sequence[int], plan: StepPl
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
         for mine in per_step:
-            pieces = [piece for _ in mine for piece in split_varlen(next(items), budget)]
-            yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
+            yield step, [piece for _ in mine for piece in pieces_of(next(items))]
             step += 1
+
+
+def _stream_step_batches(stream: SampleStream, plan: StepPlan, cfg: RunConfig, start_step: int, accelerator: Any,
+                         layout: str, pad_id: int, pieces_of: Any) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+    """A streaming run's steps: each takes the next micro_per_step x batch_size samples of the
+    stream (every rank reads the same stream and collates its own micro-batches of them). A resumed
+    run starts at the stream position the interrupted one had reached."""
+    t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
+    size = t.per_device_train_batch_size
+    per_step = plan.micro_per_step * size
+    samples = stream.samples(start=start_step * per_step)
+    packed = layout in ("masked", "concat")
+    for step in range(start_step, plan.total_steps):
+        taken = [next(samples) for _ in range(per_step)]
+        micro = []
+        for k in range(plan.micro_per_step):
+            local = list(range(k * size, (k + 1) * size))
+            rows = [[local[i] for i in row] for row in pack_best_fit([len(taken[j].input_ids) for j in local],
+                                                                     cfg.data.cutoff_len)] if packed \
+                else [[j] for j in local]
+            micro.append(rows)
+        dataset = MicroBatches(taken, micro[rank::world], layout, pad_id)
+        yield step, [piece for i in range(len(dataset)) for piece in pieces_of(dataset[i])]
 
 
 def _save_checkpoint(trainer: Trainer, step: int) -> None:
