@@ -73,8 +73,10 @@ def test_store_is_mapped_and_holds_the_samples_of_a_direct_encode(tokenizer, sha
     assert isinstance(data.train, store.SampleView)
     assert len(list((data.path / "chunks").iterdir())) == 5  # 80 rows in chunks of 16
     split = data.train._split
-    assert all(isinstance(ids, np.memmap) for ids in split._ids)  # mapped, not loaded
+    assert split._ids == [None] * 5  # opening maps no token file
+    assert data.train[20].input_ids and [x is not None for x in split._ids] == [False, True, False, False, False]
     assert as_tuples(data.train) == as_tuples(direct(shared_data, tokenizer, cfg))
+    assert all(isinstance(ids, np.memmap) for ids in split._ids)  # mapped, not loaded
     # The loop's view: Samples made on demand, the lengths array for the planner.
     samples = data.train.as_samples()
     assert samples.lengths.tolist() == [len(s.input_ids) for s in data.train]

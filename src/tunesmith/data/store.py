@@ -102,10 +102,11 @@ class StoreSplit:
 
     def __init__(self, folder: Path, split: str, datasets: list[str]) -> None:
         self.datasets = datasets
-        dirs = _chunk_dirs(Path(folder), split)
-        self._ids = [np.load(d / "ids.npy", mmap_mode="r") for d in dirs]
-        self._trained = [np.load(d / "trained.npy", mmap_mode="r") for d in dirs]
-        indexes = [np.load(d / "index.npy") for d in dirs]
+        self._dirs = _chunk_dirs(Path(folder), split)
+        # Token files are mapped when a chunk is first read (opening a store maps none of them).
+        self._ids: list[np.ndarray | None] = [None] * len(self._dirs)
+        self._trained: list[np.ndarray | None] = [None] * len(self._dirs)
+        indexes = [np.load(d / "index.npy") for d in self._dirs]
         counts = np.array([len(x) for x in indexes], dtype=np.int64)
         self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
@@ -118,7 +119,11 @@ class StoreSplit:
         chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
         rec = self.index[i]
         start, length = int(rec["start"]), int(rec["length"])
-        return self._ids[chunk][start : start + length], self._trained[chunk][start : start + length]
+        ids, trained = self._ids[chunk], self._trained[chunk]
+        if ids is None or trained is None:
+            ids = self._ids[chunk] = np.load(self._dirs[chunk] / "ids.npy", mmap_mode="r")
+            trained = self._trained[chunk] = np.load(self._dirs[chunk] / "trained.npy", mmap_mode="r")
+        return ids[start : start + length], trained[start : start + length]
 
 
 class SampleView(Sequence[Encoded]):
