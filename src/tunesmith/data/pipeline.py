@@ -418,10 +418,11 @@ def _fail_marker(partial: Path) -> Path:
     return partial / "failed.json"
 
 
-def _wait_for_chunks(partial: Path, counts: dict[str, int], started: float) -> None:
-    """Poll until every chunk of every split is in the store (other processes write their share)."""
+def _wait_for_chunks(partial: Path, target: Path, counts: dict[str, int], started: float) -> None:
+    """Poll until every chunk of every split is in the store (other processes write their share),
+    or another machine sharing the cache folder has completed the store."""
     last_change, last_seen = time.time(), -1
-    while True:
+    while not (target / "meta.json").exists():
         _raise_if_failed(partial, started)
         missing = [(split, n) for split, count in counts.items() for n in range(count)
                    if not store.chunk_done(partial, split, n)]
@@ -595,8 +596,13 @@ def _build(cfg: RunConfig, tokenizer: Any, key: str, target: Path, num_workers: 
         built = build_chunks(partial, specs, tokenizer, d, max_samples=d.max_samples, seed=cfg.train.seed,
                              num_workers=num_workers, rank=rank, world=world)
         if rank == 0:
-            _wait_for_chunks(partial, built.chunks, started_at)
-            _finalize(partial, target, cfg, specs, key, time.time() - started_at)
+            _wait_for_chunks(partial, target, built.chunks, started_at)
+            from filelock import FileLock
+
+            # Machines that share the cache folder each have a first process: one completes the store.
+            with FileLock(str(target.parent / f".{target.name}.lock")):
+                if not (target / "meta.json").exists():
+                    _finalize(partial, target, cfg, specs, key, time.time() - started_at)
         else:
             _wait_for_store(target, partial, started_at)
     except (UserError, OSError) as exc:

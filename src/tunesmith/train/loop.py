@@ -8,8 +8,10 @@ micro-batches equals one batch k times larger (docs/ARCHITECTURE.md, "Loss").
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -269,7 +271,6 @@ PREFLIGHT_STREAM_SAMPLES = 256
 def _open_stream(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, SampleStream, list[Any]]:
     """A streaming run's sample stream (read and tokenized while training), its eval samples (read
     whole) and the preflight on the stream's first samples."""
-    import copy
     import itertools
 
     from tunesmith.data.preflight import preflight
@@ -305,13 +306,20 @@ def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
     from tunesmith.data.pipeline import discard_store, tokenize_datasets
 
     tokenizer = load_tokenizer(cfg.model)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if world > 1 and cfg.data.overwrite_cache:
-        if accelerator.is_main_process:  # before any rank could open the old store
+    # The processes of one machine share its cache folder: they split the chunks among them, and
+    # each machine's first process completes the store (once, under a lock, where machines share
+    # the folder too).
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    rank = accelerator.local_process_index
+    view = cfg
+    if accelerator.num_processes > 1 and cfg.data.overwrite_cache:
+        if accelerator.is_local_main_process:  # before any process could open the old store
             discard_store(_store_target(cfg, tokenizer))
         accelerator.wait_for_everyone()
-    data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator) if world > 1 else cfg, tokenizer,
-                             rank=rank, world=world)
+        view = copy.copy(cfg)  # discarded once above: no process may discard what the others write
+        view.data = copy.copy(cfg.data)
+        view.data.overwrite_cache = False
+    data = tokenize_datasets(view, tokenizer, rank=rank, world=world)
     return tokenizer, _checked(data, tokenizer, cfg, out, accelerator)
 
 
