@@ -137,10 +137,12 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
     problem_count = 0
     columns: dict[int, set[str]] = {}
     rows_per_dataset: dict[int, int] = {}
-    for ds, path, file_row, line, index, row in job.records:
+    paths: dict[str, Path] = {}
+    for ds, name, file_row, line, index, row in job.records:
         rows_per_dataset[ds] = rows_per_dataset.get(ds, 0) + 1
+        path = paths.get(name) or paths.setdefault(name, Path(name))
         if isinstance(row, RawLine):
-            row = parse_raw_line(Path(path), file_row, line or 0, row)
+            row = parse_raw_line(path, file_row, line or 0, row)
         if isinstance(row, DataProblem):
             problem = row
         else:
@@ -150,7 +152,7 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
                 conv_datasets.append(ds)
                 continue
             except RowError as exc:
-                problem = DataProblem(Path(path), file_row, line, exc.column, exc.detail, exc.fix)
+                problem = DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix)
         problem_count += 1
         if len(problems) < SHOWN_PROBLEMS:
             problems.append(str(problem))
@@ -166,8 +168,7 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
     summary = {"rows": len(job.records), "rows_per_dataset": {str(k): v for k, v in rows_per_dataset.items()},
                "kept": len(kept), "dropped": dropped, "problem_count": problem_count, "problems": problems,
                "columns": {str(k): sorted(v) for k, v in columns.items()}}
-    store.write_chunk(state.folder, job.split, job.number, kept, kept_datasets,
-                      [state.rules.flags(s) for s in kept], summary)
+    store.write_chunk(state.folder, job.split, job.number, kept, kept_datasets, state.rules.flags_of, summary)
     return summary
 
 

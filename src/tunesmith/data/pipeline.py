@@ -295,14 +295,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def code_fingerprint() -> str:
-    """Hash of the modules that turn rows into ids (row conversion, rendering, encoding), so a
-    changed rule never reuses results made by the old one."""
+    """Hash of the modules that turn rows into stored samples (row conversion, rendering, encoding,
+    the store's writer), so a changed rule never reuses results made by the old one."""
+    import tunesmith.data.chunks
     import tunesmith.data.encode
     import tunesmith.data.formats
+    import tunesmith.data.preflight
     import tunesmith.template
 
     h = hashlib.sha256(TOKENIZE_VERSION.encode())
-    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.data.encode):
+    # chunks and store write the samples; preflight computes the per-sample facts stored with them.
+    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.data.encode, tunesmith.data.chunks,
+                   store, tunesmith.data.preflight):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 

@@ -94,15 +94,18 @@ class FlagRules:
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def flags(self, sample: Encoded) -> int:
-        labels = np.asarray(sample.labels, dtype=np.int64)
-        value = store.TRUNCATED if sample.truncated else 0
+        return self.flags_of(np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels, dtype=np.int64),
+                             sample.truncated)
+
+    def flags_of(self, ids: np.ndarray, labels: np.ndarray, truncated: bool) -> int:
+        value = store.TRUNCATED if truncated else 0
         if any(_trains(labels, m) for m in self.markers):
             value |= store.END_OF_TURN_TRAINED
-        if self.eos is not None and self.eos in sample.input_ids:
+        if self.eos is not None and bool(np.any(ids == self.eos)):
             value |= store.HAS_EOS
             if bool(np.any(labels == self.eos)):
                 value |= store.EOS_TRAINED
-        if self.bos is not None and sample.input_ids[:2] == [self.bos, self.bos]:
+        if self.bos is not None and len(ids) >= 2 and ids[0] == self.bos and ids[1] == self.bos:
             value |= store.DOUBLE_BOS
         return value
 
