@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.config import DataArgs, RunConfig
+from tunesmith.config import RunConfig
 from tunesmith.data import store
 from tunesmith.data.encode import IGNORE_INDEX, Dropped, Encoded, encode
 from tunesmith.errors import UserError
@@ -37,10 +37,6 @@ from tunesmith.template import Conversation
 
 # Bump when encode()/the stored format changes, so old caches are not reused.
 TOKENIZE_VERSION = "2"
-# Encoding costs about 0.5 ms a row in one process; a forked pool costs about 0.3-0.8 s to start and
-# to ship results back, so below this many rows one process is faster.
-MIN_ROWS_FOR_WORKERS = 2000
-CHUNK_ROWS = 64
 MAX_DROP_EXAMPLES = 5
 
 
@@ -133,94 +129,13 @@ class TokenizedData:
 
 # --------------------------------------------------------------------------------- tokenization
 
-_worker_tokenizer: Any = None
-_worker_args: DataArgs | None = None
-
-
-def _limit_threads() -> None:
-    """One thread per worker process: N processes x M threads would oversubscribe the cores."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _worker_init(tokenizer: Any, data_args: DataArgs) -> None:
-    global _worker_tokenizer, _worker_args
-    _limit_threads()
-    _worker_tokenizer, _worker_args = tokenizer, data_args
-
-
-def _worker_encode(chunk: list[Conversation]) -> list[Encoded | Dropped]:
-    return [encode(conv, _worker_tokenizer, _worker_args) for conv in chunk]
-
-
 def default_num_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def encode_all(convs: Sequence[Conversation], tokenizer: Any, data_args: DataArgs, *,
-               num_workers: int | None = None, min_rows_for_workers: int = MIN_ROWS_FOR_WORKERS,
-               desc: str = "Tokenizing") -> tuple[list[Encoded], list[Dropped]]:
-    """Encode every conversation in order; (kept, dropped). Uses worker processes for large inputs."""
-    from tqdm import tqdm
-
-    workers = num_workers if num_workers is not None else default_num_workers()
-    chunks = [list(convs[i : i + CHUNK_ROWS]) for i in range(0, len(convs), CHUNK_ROWS)]
-    results: list[Encoded | Dropped] = []
-    # The bar appears only for work that lasts (delay) and only on a terminal.
-    bar = tqdm(total=len(convs), desc=desc, unit="sample", file=sys.stderr, delay=2.0,
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    try:
-        if workers <= 1 or len(convs) < min_rows_for_workers:
-            for chunk in chunks:
-                results.extend(encode(conv, tokenizer, data_args) for conv in chunk)
-                bar.update(len(chunk))
-        else:
-            import multiprocessing as mp
-
-            # Set before the pool starts so the children inherit it; the Rust tokenizer would
-            # otherwise warn about (and guard against) forking after using its thread pool.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            # fork: the children inherit the tokenizer instead of importing transformers again
-            # (spawn costs seconds per worker); they only run Python and the Rust tokenizer.
-            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with ctx.Pool(min(workers, len(chunks)), initializer=_worker_init,
-                          initargs=(tokenizer, data_args)) as pool:
-                for part in pool.imap(_worker_encode, chunks):
-                    results.extend(part)
-                    bar.update(len(part))
-    finally:
-        bar.close()
-    kept = [r for r in results if isinstance(r, Encoded)]
-    dropped = [r for r in results if isinstance(r, Dropped)]
-    return kept, dropped
-
-
-def split_eval(samples: list[Encoded], val_size: float, seed: int, where: str) -> tuple[list[Encoded], list[Encoded]]:
-    """Hold out `val_size` (a share in (0, 1) or a count >= 1) of the samples, chosen with `seed`;
-    both parts keep dataset order."""
-    n = len(samples)
-    if val_size < 1:
-        n_val = max(1, round(val_size * n))
-    else:
-        if not float(val_size).is_integer():
-            raise UserError(f"{where}: 'val_size' {val_size} is above 1 but not a whole number of rows; "
-                            "give a share in (0, 1) or a row count.")
-        n_val = int(val_size)
-    if n_val >= n:
-        raise UserError(f"{where}: 'val_size' {val_size} would hold out {n_val} of the {n} training samples, "
-                        "leaving none to train on.", hint="use a smaller val_size.")
-    held = set(random.Random(seed).sample(range(n), n_val))
-    train = [s for i, s in enumerate(samples) if i not in held]
-    evals = [s for i, s in enumerate(samples) if i in held]
-    return train, evals
-
-
 def held_out(n: int, val_size: float, seed: int, where: str) -> np.ndarray:
     """A boolean mask of the `val_size` samples (a share in (0, 1) or a count >= 1) held out for eval,
-    chosen with `seed` (the same choice as split_eval)."""
+    chosen with `seed`."""
     if val_size < 1:
         n_val = max(1, round(val_size * n))
     else:
@@ -477,14 +392,6 @@ def _record_failure(partial: Path, error: BaseException) -> None:
 
 def _names(value: list[str] | None) -> list[str]:
     return list(value or [])
-
-
-def _load_conversations(names: list[str], cfg: RunConfig) -> list[Conversation]:
-    from tunesmith.data.formats import load_conversations
-
-    d = cfg.data
-    return load_conversations(",".join(names), d.dataset_dir, max_samples=d.max_samples,
-                              skip_invalid=d.skip_invalid, seed=cfg.train.seed)
 
 
 def _first_conversations(names: list[str], cfg: RunConfig, n: int) -> list[Conversation]:
