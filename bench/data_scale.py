@@ -89,7 +89,8 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
 
 def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, model: str, extra: dict | None = None,
                   kill_when: object = None, name: str = "run") -> dict:
-    cfg = {"model_name_or_path": model, "dataset": "bench", "dataset_dir": str(data), "cutoff_len": 512, "finetuning_type": "lora",
+    cfg = {"model_name_or_path": model, "dataset": "bench", "dataset_dir": str(data), "cutoff_len": 512,
+           "finetuning_type": "lora",
            "max_steps": 1, "per_device_train_batch_size": 1, "preprocessing_num_workers": workers,
            "output_dir": str(out / name), "overwrite_output_dir": True, "save_steps": 0, "report_to": "none",
            "plot_loss": False, **(extra or {})}
@@ -164,8 +165,8 @@ def main() -> None:
                                                  {"streaming": True}, name="streaming")
             if "restart" in scenarios:
                 fresh = out / "cache-restart"
-                got["killed"] = tunesmith_run(data, out, fresh, args.workers, model, kill_when=half_written(fresh, rows),
-                                              name="killed")
+                got["killed"] = tunesmith_run(data, out, fresh, args.workers, model,
+                                              kill_when=half_written(fresh, rows), name="killed")
                 got["restarted"] = tunesmith_run(data, out, fresh, args.workers, model, name="restarted")
         if "lf" in sides:
             got["llamafactory"] = lf_run(data, out, args.workers, model)

@@ -4,8 +4,9 @@
     python bench/peers.py --quick    # 40 rows, 6 steps, 1 repeat: checks that everything runs
     python bench/peers.py --gpu      # a random ~0.5B Llama in bf16 on the GPU (tunesmith only)
 
-Workload: the default model (SmolLM2-135M-Instruct), LoRA rank 8 on every linear layer, the
-first rows of alpaca_en_demo, cutoff 512, 4 samples per optimizer step, learning rate 1e-4.
+Workload: the default model (SmolLM2-135M-Instruct), LoRA rank 8 on every linear layer, alpaca
+rows (data/alpaca_demo.json repeated, or `--data FILE`; see workload_data.py), cutoff 512, 4 samples per
+optimizer step, learning rate 1e-4.
 
 Runs: tunesmith fp32 default, fp32 packing, bf16 (all padding-free on sdpa) and a padded fp32
 reference (eager attention, run once); LLaMA-Factory 0.9.5
@@ -40,9 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from workload_data import ALPACA_DEMO, alpaca_rows, write_alpaca_dataset
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DATA = REPO.parent / "shared" / "data"
 VENVS = HERE / "venvs"
 OUT = HERE / "out"
 H200_BF16_PEAK = 989e12
@@ -144,13 +146,11 @@ def _torchaudio_stand_in(python: Path, log: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def prepare_data(rows: int, folder: Path) -> None:
+def prepare_data(rows: int, folder: Path, source: Path = ALPACA_DEMO) -> None:
     """alpaca rows for tunesmith and LLaMA-Factory (dataset_info.json) and as prompt/completion
     conversations for TRL (the same rendered prompt, loss on the answer only)."""
-    data = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:rows]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "alpaca_bench.json").write_text(json.dumps(data))
-    (folder / "dataset_info.json").write_text(json.dumps({"alpaca_bench": {"file_name": "alpaca_bench.json"}}))
+    data = alpaca_rows(rows, source)
+    write_alpaca_dataset(folder, "alpaca_bench", data)
     with (folder / "trl.jsonl").open("w") as handle:
         for row in data:
             prompt = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
@@ -413,7 +413,8 @@ def table(results: dict[str, list[dict]], unavailable: dict[str, str], flops_per
         peak = peaks[1] if "bf16" in name else peaks[0]
         achieved = speed * flops_per_token if speed else None
         cells = [name, f"{speed:.1f}" if speed else "-", f"{rss[name]:.2f}" if rss[name] else "-",
-                 f"{speed / lf:.2f}x" if speed and lf else "-", f"{speed / best_peer:.2f}x" if speed and best_peer else "-",
+                 f"{speed / lf:.2f}x" if speed and lf else "-",
+                 f"{speed / best_peer:.2f}x" if speed and best_peer else "-",
                  f"{rss[name] / lf_rss:.2f}x" if rss[name] and lf_rss else "-",
                  f"{achieved / 1e9:.1f}" if achieved else "-",
                  f"{achieved / peak:.1%} of {'bf16' if 'bf16' in name else 'fp32'}" if achieved else "-", note]
@@ -437,7 +438,7 @@ def cpu_main(args: argparse.Namespace) -> None:
 
     model_dir = str(provision_default_model())
     data_dir = OUT / "data"
-    prepare_data(args.rows, data_dir)
+    prepare_data(args.rows, data_dir, args.data)
     names = [n for n in RUNS if not args.only or any(part in n for part in args.only.split(","))]
     pythons: dict[str, Path] = {"tunesmith": Path(sys.executable)}
     unavailable: dict[str, str] = {}
@@ -462,11 +463,12 @@ def cpu_main(args: argparse.Namespace) -> None:
                     "out": str(OUT / "runs" / name.replace(" ", "_"))}
             outcome = launch(pythons[framework], spec, args.timeout)
             results[name].append(outcome)
-            shown = f"{outcome['tokens_per_second']:.1f} tok/s" if outcome.get("tokens_per_second") else outcome.get("error")
+            shown = (f"{outcome['tokens_per_second']:.1f} tok/s" if outcome.get("tokens_per_second")
+                     else outcome.get("error"))
             print(f"[{repeat + 1}/{args.repeats}] {name}: {shown}, peak RSS {outcome['peak_rss_gib']:.2f} GiB, "
                   f"{outcome['seconds']} s", file=sys.stderr)
     report = [f"end: {machine_note()}",
-              f"workload: {args.rows} rows, {args.steps} steps x 4 samples, cutoff {args.cutoff}, "
+              f"workload: {args.rows} rows of {args.data}, {args.steps} steps x 4 samples, cutoff {args.cutoff}, "
               f"{args.repeats} repeat(s), threads {args.threads or 'default'}", "",
               table(results, unavailable, flops_per_token, peaks), "", "same math (per-step losses vs padded fp32):"]
     report += [f"- {name}: {verdict}" for name, verdict in same_math(results).items()]
@@ -503,7 +505,7 @@ def gpu_main(args: argparse.Namespace) -> None:
         LlamaForCausalLM(config).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     data_dir = OUT / "data"
-    prepare_data(args.rows, data_dir)
+    prepare_data(args.rows, data_dir, args.data)
     kernels = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
     runs = {f"tunesmith gpu {kind} bf16 ({kernel})": {"finetuning_type": kind, "attn_implementation": kernel}
             for kernel in kernels for kind in ("lora", "full")}
@@ -527,7 +529,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="40 rows, 6 steps, 1 repeat")
     parser.add_argument("--gpu", action="store_true", help="tunesmith on a random ~0.5B Llama in bf16 on the GPU")
-    parser.add_argument("--rows", type=int, default=None, help="rows of alpaca_en_demo (default 200; quick 40)")
+    parser.add_argument("--rows", type=int, default=None, help="alpaca rows (default 200; quick 40)")
+    parser.add_argument("--data", type=Path, default=ALPACA_DEMO, help="alpaca JSON file the rows come from")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 25; quick 6)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each config (default 3; quick 1)")
     parser.add_argument("--cutoff", type=int, default=512)

@@ -2,9 +2,9 @@
 
     python bench/profile_step.py [--variants padded,varlen,...] [--steps 4] [--rows 40] [--profile VARIANT]
 
-The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca_en_demo,
-cutoff 512, 4 samples per step), run in one process so that variants alternate step by step and
-share the machine's conditions. A variant is `layout[+precision][+option]`:
+The workload of bench/peers.py (default model, LoRA rank 8 on every linear layer, alpaca rows from
+data/alpaca_demo.json or `--data FILE`, cutoff 512, 4 samples per step), run in one process so that variants
+alternate step by step and share the machine's conditions. A variant is `layout[+precision][+option]`:
 
     layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
     precision  fp32 (default) | autocast (fp32 weights, bf16 autocast) | bf16base (frozen base
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from workload_data import ALPACA_DEMO, alpaca_rows, write_alpaca_dataset
 
 
 def main() -> None:
@@ -42,11 +43,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                         help="cpu: this process's CPU time, steadier than wall time on a busy machine "
                              "(meaningful with --threads 1)")
-    parser.add_argument("--keep-denormals", action="store_true", help="compute subnormal floats (training flushes them)")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="compute subnormal floats (training flushes them)")
     parser.add_argument("--shapes", action="store_true", help="--profile: one row per op and input shape")
     parser.add_argument("--rows-shown", type=int, default=30, help="--profile: rows of the table")
     parser.add_argument("--profile", default=None, help="one variant to profile with torch.profiler")
-    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--data", type=Path, default=ALPACA_DEMO, help="alpaca JSON file the rows come from")
     args = parser.parse_args()
 
     import torch
@@ -65,7 +67,9 @@ def main() -> None:
         flush_denormals()  # as training does
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(None, {"dataset": "alpaca_en_demo", "dataset_dir": args.data, "max_samples": args.rows,
+    data_dir = write_alpaca_dataset(Path(tempfile.mkdtemp(prefix="tunesmith-profile-data-")), "alpaca_bench",
+                                    alpaca_rows(args.rows, args.data))
+    cfg = load_config(None, {"dataset": "alpaca_bench", "dataset_dir": str(data_dir),
                              "cutoff_len": args.cutoff, "output_dir": "/tmp/tunesmith-profile",
                              "preprocessing_num_workers": 1, "lora_target": "all", "lora_rank": 8})
     tokenizer = load_tokenizer(cfg.model)
@@ -104,7 +108,8 @@ def main() -> None:
     def step(model, batch, optimizer, mixed, variant: str) -> float:
         from tunesmith.train import attention
 
-        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), "matmul")
+        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")),
+                                            "matmul")
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
         with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():

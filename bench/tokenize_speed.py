@@ -1,6 +1,9 @@
-"""Time tokenizing alpaca_zh_demo (1000 rows) with the default model: cold, then from the cache.
+"""Time tokenizing datasets with the default model: cold, then from the cache.
 
-    python bench/tokenize_speed.py [--data DIR] [--workers N]
+    python bench/tokenize_speed.py [--data DIR] [--dataset NAMES] [--workers N]
+
+By default every set in the repository's data/ (214 rows in all: alpaca, sharegpt and OpenAI tool calls);
+--data and --dataset name any other registered data, such as a larger demo set kept beside the repository.
 
 The cache goes to a fresh temporary folder, so "cold" really is cold.
 """
@@ -16,9 +19,10 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-                        help="folder holding dataset_info.json and alpaca_zh_demo.json")
-    parser.add_argument("--dataset", default="alpaca_zh_demo")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data"),
+                        help="folder holding dataset_info.json and the data files")
+    parser.add_argument("--dataset", default="identity,alpaca_demo,chat_sharegpt,toolcall_sharegpt,toolcall_openai",
+                        help="comma-separated dataset names")
     parser.add_argument("--workers", type=int, default=None, help="preprocessing_num_workers (default: automatic)")
     args = parser.parse_args()
 

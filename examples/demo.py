@@ -1,7 +1,7 @@
-"""`make demo`: the default model before and after a short LoRA fine-tune on the shared identity data.
+"""`make demo`: the default model before and after a short LoRA fine-tune on the repository's identity data.
 
-Steps: provision the default model, ask it "Who are you?", fill the placeholders of the shared
-identity.json into a copy, train with `tunesmith train` (the same command users run), ask again.
+Steps: provision the default model, ask it "Who are you?", fill the placeholders of data/identity.json
+into a copy, train with `tunesmith train` (the same command users run), ask again.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "demo_identity_lora.yaml"
-SHARED = REPO.parent / "shared" / "data" / "identity.json"
+IDENTITY = REPO / "data" / "identity.json"
 QUESTION = "Who are you?"
 EXPORT = "exports/tunesmith-identity"  # the path the README's snippet loads
 
 
 def prepare_data(data_dir: Path) -> None:
-    """A copy of identity.json with the name and author filled in (the shared file is not touched)."""
-    rows = json.loads(SHARED.read_text(encoding="utf-8"))
+    """A copy of identity.json with the name and author filled in (data/identity.json is not touched)."""
+    rows = json.loads(IDENTITY.read_text(encoding="utf-8"))
     for row in rows:
         row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -29,11 +29,14 @@ def prepare_data(data_dir: Path) -> None:
     (data_dir / "dataset_info.json").write_text(json.dumps({"identity_tunesmith": {"file_name": "identity.json"}}))
 
 
-def ask(overrides: list[str]) -> str:
+def ask(*, trained: bool) -> str:
+    """The answer of the run's trained adapter, or of the base model alone (before training)."""
     from tunesmith.config import load_config
     from tunesmith.infer import ChatEngine
+    from tunesmith.loading import base_model
 
-    engine = ChatEngine(load_config(CONFIG, overrides))
+    cfg = load_config(CONFIG)
+    engine = ChatEngine(cfg, source=None if trained else base_model(cfg.model))
     return engine.chat([{"role": "user", "content": QUESTION}], do_sample=False, max_new_tokens=64).strip()
 
 
@@ -42,11 +45,11 @@ def main() -> int:
     from tunesmith.model.provision import provision_default_model
 
     print(f"default model: {provision_default_model()}")
-    print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(['output_dir=saves/demo/none'])}\n", flush=True)
+    print(f"\n=== before fine-tuning ===\nQ: {QUESTION}\nA: {ask(trained=False)}\n", flush=True)
     prepare_data(REPO / "saves" / "demo" / "data")
     print(f"=== training: tunesmith train {CONFIG.relative_to(REPO)} ===", flush=True)
     subprocess.run([sys.executable, "-m", "tunesmith", "train", str(CONFIG)], cwd=REPO, check=True)
-    answer = ask([])
+    answer = ask(trained=True)
     print(f"\n=== after fine-tuning ===\nQ: {QUESTION}\nA: {answer}\n", flush=True)
     print(f"=== export: tunesmith export {CONFIG.relative_to(REPO)} export_dir={EXPORT} ===", flush=True)
     subprocess.run([sys.executable, "-m", "tunesmith", "export", str(CONFIG), f"export_dir={EXPORT}"], cwd=REPO,

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 DEFAULT_MODEL = Path("~/.cache/tunesmith/models/smollm2-135m-instruct").expanduser()
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "identity.json"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "identity.json"
 IGNORE = -100  # label of a position that is not learned; F.cross_entropy skips it
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+REPO_DATA = REPO / "data"  # the datasets the repository carries (data/README.md)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,7 +28,7 @@ def tokenizer(default_model_dir):
 
 
 def build_tiny_model(folder: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0,
-                     tie: bool = True) -> Path:
+                     tie: bool = True, max_positions: int = 2048) -> Path:
     """A random Llama with the default model's vocabulary and tokenizer, saved as a HF folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -36,7 +36,7 @@ def build_tiny_model(folder: Path, tokenizer_dir: Path, *, layers: int = 2, hidd
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
@@ -53,10 +53,9 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 
 @pytest.fixture()
-def shared_data() -> Path:
-    if not (SHARED_DATA / "dataset_info.json").exists():
-        pytest.skip("shared data folder not found next to the repository")
-    return SHARED_DATA
+def repo_data() -> Path:
+    """The repository's data/ folder; tests read it and never write there."""
+    return REPO_DATA
 
 
 def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:

@@ -28,15 +28,16 @@ def make_dataset(folder: Path, entries: dict[str, dict], files: dict[str, str | 
     return folder
 
 
-def identity_dataset(folder: Path, shared_data: Path, rows: int = 12) -> Path:
-    """The first rows of the shared identity.json, placeholders filled, registered as 'ident'."""
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:rows]
+def identity_dataset(folder: Path, repo_data: Path, rows: int = 12) -> Path:
+    """The first rows of data/identity.json, placeholders filled, registered as 'ident'."""
+    data = json.loads((repo_data / "identity.json").read_text(encoding="utf-8"))[:rows]
     for row in data:
         row["output"] = row["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")
     return make_dataset(folder, {"ident": {"file_name": "ident.json"}}, {"ident.json": data})
 
 
-def start_api_server(cfg: Path, env: dict[str, str], timeout: float = 240) -> tuple[subprocess.Popen, str, int, list[str]]:
+def start_api_server(cfg: Path, env: dict[str, str],
+                     timeout: float = 240) -> tuple[subprocess.Popen, str, int, list[str]]:
     """`tunesmith api cfg --port 0` as a real subprocess; returns (process, host, port, its stderr lines)."""
     proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "api", str(cfg), "--port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

@@ -15,9 +15,9 @@ LAYERS: dict[str, int] = {
     "model": 2,
     "loading": 3,
     "train": 4,
-    "export": 5, "infer": 5,
+    "export": 5, "export_gguf": 5, "infer": 5,
     "evaluate": 6,
-    "api": 7, "ui": 7,
+    "api": 7, "api_request": 7, "ui": 7,
     "cli": 8, "__main__": 8,
 }
 NEVER = {("export", "infer"), ("infer", "export")}  # same layer, but neither builds on the other

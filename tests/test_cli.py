@@ -62,9 +62,9 @@ def test_missing_config_file():
     assert proc.returncode == 1 and "config file not found" in proc.stderr
 
 
-def test_overrides_after_options(tmp_path, shared_data):
+def test_overrides_after_options(tmp_path, repo_data):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"dataset: identity\ndataset_dir: {shared_data}\n")
+    cfg.write_text(f"dataset: identity\ndataset_dir: {repo_data}\n")
     proc = run("data", "preview", str(cfg), "-n", "1", "--no-color", "cutoff_len=4096")
     assert proc.returncode == 0, proc.stderr
     assert "[[" in proc.stdout

@@ -55,7 +55,7 @@ def test_list_keys_take_yaml_lists_and_comma_strings_alike(tmp_path):
     assert load_config(None, {}).train.report_to == ["none"]
     with pytest.raises(UserError, match="'dataset' must be a list of names"):
         load_config(None, {"dataset": {"a": 1}})
-    with pytest.raises(UserError, match="'report_to' is 'wandbb'; allowed: none, tensorboard, all"):
+    with pytest.raises(UserError, match="'report_to' is 'wandbb'; allowed: none, tensorboard, mlflow, wandb, all"):
         load_config(None, {"report_to": "tensorboard,wandbb"})
 
 
@@ -100,9 +100,10 @@ def test_bad_choice_lists_allowed_values():
 
 
 @pytest.mark.parametrize("line,fragment", [
-    ("quantization_bit: 4", "'quantization_bit' (quantized (QLoRA) training) is not supported yet"),
+    ("use_galore: true", "'use_galore' (GaLore) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
-    ("use_dora: true", "DoRA"),
+    ("report_to: swanlab", "'report_to' is 'swanlab'; allowed: none, tensorboard, mlflow, wandb, all"),
+    ("mix_strategy: interleave_under", "dataset interleaving"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:
@@ -111,7 +112,7 @@ def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment)
 
 
 def test_unsupported_key_set_to_its_off_value_is_fine(tmp_path):
-    load_config(write(tmp_path, "quantization_bit: null\nuse_dora: false\n"))
+    load_config(write(tmp_path, "use_galore: null\nuse_badam: false\nmix_strategy: concat\n"))
 
 
 @pytest.mark.parametrize("override,fragment", [
@@ -169,3 +170,49 @@ def test_schema_is_the_single_source_of_help():
     skip_invalid""".split()
     assert not [k for k in required if k not in keys]
     assert isinstance(RunConfig().to_flat(), dict)
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("num_train_epochs: nan", "line 2: 'num_train_epochs' must be a finite number, got 'nan'."),
+    ("num_train_epochs: .inf", "line 2: 'num_train_epochs' must be a finite number, got inf."),
+    ("learning_rate: .nan", "line 2: 'learning_rate' must be a finite number, got nan."),
+    ("num_train_epochs: 0", "line 2: 'num_train_epochs' must be positive, got 0.0."),
+    ("lora_alpha: -16", "line 2: 'lora_alpha' must be positive, got -16."),
+    ("save_steps: -1", "line 2: 'save_steps' must be at least 0, got -1."),
+    ("max_grad_norm: -0.5", "line 2: 'max_grad_norm' must be at least 0, got -0.5."),
+    ("top_p: 1.5", "line 2: 'top_p' must be in (0, 1], got 1.5."),
+    ("seed: -3", "line 2: 'seed' must be in [0, 4294967295], got -3."),
+    ("freeze_trainable_layers: 0", "line 2: 'freeze_trainable_layers' must not be 0"),
+])
+def test_numeric_keys_are_finite_and_in_range_with_file_and_line(tmp_path, line, fragment):
+    path = write(tmp_path, "dataset: demo\n" + line + "\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line 2: ") and fragment in message and "\n" not in message.strip()
+
+
+def test_num_train_epochs_zero_is_fine_when_max_steps_decides():
+    assert load_config(None, ["num_train_epochs=0", "max_steps=5"]).train.max_steps == 5
+
+
+def test_hints_name_the_right_thing(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_config(None, ["learnin_rate=1"])
+    assert "--keys" in err.value.hint and "did you mean 'learning_rate'" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["ray_num_workers=4"])
+    assert "'ray_num_workers' (training through Ray) is not supported yet" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(None, ["ray_num_worker=4"])
+    assert "did you mean 'ray_num_workers'" in str(err.value)
+    load_config(None, ["ray_num_workers=1"])  # LLaMA-Factory's default asks for nothing more
+    with pytest.raises(UserError, match=r"unknown template 'qwen3_nothnk' \(did you mean 'qwen3_nothink'\?\)"):
+        from tunesmith.template import apply_template
+
+        apply_template(object(), "qwen3_nothnk")
+
+
+def test_enable_thinking_is_a_key():
+    assert load_config(None, ["enable_thinking=false"]).model.enable_thinking is False
+    assert load_config(None).model.enable_thinking is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,29 +105,56 @@ def test_empty_assistant_answer(tmp_path):
         "d.json": [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}],
     })
     assert "a.json line 2 (row 0), column 'output': the answer is empty" in load_error(folder, "a")
-    assert "d.json line 2 (row 0), column 'conversations': turn 1 ('gpt'): the answer is empty" in load_error(folder, "s")
+    assert ("d.json line 2 (row 0), column 'conversations': turn 1 ('gpt'): the answer is empty"
+            in load_error(folder, "s"))
 
 
-def test_unknown_dataset_name_suggests_and_lists(shared_data):
-    message = load_error(shared_data, "alpaca_en_dmeo")
-    assert "unknown dataset 'alpaca_en_dmeo' (did you mean 'alpaca_en_demo'?)" in message
-    assert "identity, alpaca_en_demo, alpaca_zh_demo, glaive_toolcall_en_demo" in message
-    assert "100 more entries" in message
+# Entries a LLaMA-Factory registry may hold that tunesmith refuses (their files need not exist).
+REFUSED_ENTRIES = {
+    "toolcall_zh": {"file_name": "toolcall_zh.json", "formatting": "sharegpt"},
+    "web_text": {"hf_hub_url": "example-org/web-text", "ms_hub_url": "example-org/web-text"},
+    "ms_only": {"ms_hub_url": "example-org/ms-only"},
+    "prefs": {"file_name": "prefs.json", "ranking": True, "formatting": "sharegpt",
+              "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+    "pictures": {"file_name": "pictures.json", "formatting": "sharegpt",
+                 "columns": {"messages": "messages", "images": "images"}},
+    "voices": {"file_name": "voices.json", "formatting": "sharegpt",
+               "columns": {"messages": "messages", "audios": "audios"}},
+    "kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {"messages": "messages", "kto_tag": "label"}},
+    "corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}},
+}
 
 
-def test_missing_file_and_unsupported_entries(shared_data):
-    missing = load_error(shared_data, "glaive_toolcall_zh_demo")
-    assert "dataset 'glaive_toolcall_zh_demo'" in missing
-    assert f"{shared_data / 'glaive_toolcall_zh_demo.json'} does not exist" in missing
-    hub = load_error(shared_data, "identity,alpaca_gpt4_en")
-    assert "'alpaca_gpt4_en'" in hub and "hf_hub_url: llamafactory/alpaca_gpt4_en" in hub
+@pytest.fixture()
+def mixed_registry(tmp_path, repo_data) -> Path:
+    """A copy of data/ whose registry also holds entries tunesmith refuses."""
+    folder = tmp_path / "data"
+    shutil.copytree(repo_data, folder)
+    registry = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+    (folder / "dataset_info.json").write_text(json.dumps({**registry, **REFUSED_ENTRIES}), encoding="utf-8")
+    return folder
+
+
+def test_unknown_dataset_name_suggests_and_lists(mixed_registry):
+    message = load_error(mixed_registry, "alpaca_dmeo")
+    assert "unknown dataset 'alpaca_dmeo' (did you mean 'alpaca_demo'?)" in message
+    assert ("identity, alpaca_demo, alpaca_demo_jsonl, alpaca_demo_csv, alpaca_demo_parquet, chat_sharegpt, "
+            "toolcall_sharegpt, toolcall_openai (8 more entries") in message
+
+
+def test_missing_file_and_unsupported_entries(mixed_registry):
+    missing = load_error(mixed_registry, "toolcall_zh")
+    assert "dataset 'toolcall_zh'" in missing
+    assert f"{mixed_registry / 'toolcall_zh.json'} does not exist" in missing
+    hub = load_error(mixed_registry, "identity,web_text")
+    assert "'web_text'" in hub and "hf_hub_url: example-org/web-text" in hub
     assert "downloads nothing" in hub
-    assert "ms_hub_url" in load_error(shared_data, "deepctrl")
-    assert "preference (ranking) datasets are not supported yet" in load_error(shared_data, "dpo_en_demo")
-    assert "multimodal (image) datasets are not supported yet" in load_error(shared_data, "mllm_demo")
-    assert "multimodal (audio)" in load_error(shared_data, "mllm_audio_demo")
-    assert "KTO datasets are not supported yet" in load_error(shared_data, "kto_en_demo")
-    assert "pre-training" in load_error(shared_data, "c4_demo")
+    assert "ms_hub_url" in load_error(mixed_registry, "ms_only")
+    assert "preference (ranking) datasets are not supported yet" in load_error(mixed_registry, "prefs")
+    assert "multimodal (image) datasets are not supported yet" in load_error(mixed_registry, "pictures")
+    assert "multimodal (audio)" in load_error(mixed_registry, "voices")
+    assert "KTO datasets are not supported yet" in load_error(mixed_registry, "kto")
+    assert "pre-training" in load_error(mixed_registry, "corpus")
 
 
 def test_registry_mistakes(tmp_path):
@@ -229,8 +257,8 @@ def test_csv_row_with_wrong_field_count(tmp_path):
     assert "d.csv line 3 (row 1): the row has 3 fields but the header has 2 (instruction, output)" in load_error(folder)
 
 
-def test_to_conversation_and_read_rows_raise_user_errors(shared_data, tmp_path):
-    (spec,) = resolve_datasets("identity", shared_data)
+def test_to_conversation_and_read_rows_raise_user_errors(repo_data, tmp_path):
+    (spec,) = resolve_datasets("identity", repo_data)
     with pytest.raises(UserError, match=r"dataset 'identity' row 4, column 'output': the row has no 'output'"):
         to_conversation({"instruction": "a"}, spec, 4)
     (tmp_path / "x.jsonl").write_text('{"a": 1}\n[1]\n', encoding="utf-8")
@@ -238,7 +266,7 @@ def test_to_conversation_and_read_rows_raise_user_errors(shared_data, tmp_path):
         list(read_rows(tmp_path / "x.jsonl"))
 
 
-def test_shared_files_unchanged_by_loading(shared_data):
-    before = digests(shared_data)
-    load_conversations("identity,glaive_toolcall_en_demo", shared_data, max_samples=20)
-    assert digests(shared_data) == before
+def test_repo_files_unchanged_by_loading(repo_data):
+    before = digests(repo_data)
+    load_conversations("identity,toolcall_sharegpt,toolcall_openai,alpaca_demo_csv,alpaca_demo_parquet", repo_data)
+    assert digests(repo_data) == before

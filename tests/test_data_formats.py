@@ -1,4 +1,4 @@
-"""Registry, readers and converters: the shared datasets, goldens, every file type, folders and sampling."""
+"""Registry, readers and converters: the datasets in data/, goldens, every file type, folders and sampling."""
 
 from __future__ import annotations
 
@@ -29,39 +29,95 @@ def golden(name: str) -> dict:
     return json.loads((GOLDENS / name).read_text(encoding="utf-8"))
 
 
-# ---------------------------------------------------------------- shared datasets and the registry
+# ---------------------------------------------------------------- the repository's datasets and the registry
+
+REPO_SETS = [("identity", "identity.json", 100), ("alpaca_demo", "alpaca_demo.json", 40),
+             ("chat_sharegpt", "chat_sharegpt.json", 30), ("toolcall_sharegpt", "toolcall_sharegpt.json", 22),
+             ("toolcall_openai", "toolcall_openai.jsonl", 22)]
 
 
-@pytest.mark.parametrize(("name", "rows"), [("identity", 91), ("alpaca_en_demo", 999), ("alpaca_zh_demo", 1000),
-                                            ("glaive_toolcall_en_demo", 300)])
-def test_shared_dataset_loads_completely(shared_data, name, rows):
-    convs = load_conversations(name, shared_data)
+def raw_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else json.loads(text)
+
+
+@pytest.mark.parametrize(("name", "file_name", "rows"), REPO_SETS)
+def test_repo_dataset_loads_completely(repo_data, name, file_name, rows):
+    convs = load_conversations(name, repo_data)
     assert len(convs) == rows
     assert [c.source for c in convs] == [(name, i) for i in range(rows)]
     for conv in convs:
         assert conv.messages[-1]["role"] == "assistant"
         assert all(isinstance(m["content"], str) for m in conv.messages)
-    raw = json.loads((shared_data / f"{name}.json").read_text(encoding="utf-8"))
-    if name == "glaive_toolcall_en_demo":
+    raw = raw_rows(repo_data / file_name)
+    if name == "toolcall_sharegpt":
         # each turn becomes one message; "[]" tools mean no tools
         assert [len(c.messages) for c in convs] == [len(r["conversations"]) for r in raw]
-        assert sum(c.tools is None for c in convs) == sum(r["tools"] == "[]" for r in raw) == 109
+        assert sum(c.tools is None for c in convs) == sum(r["tools"] == "[]" for r in raw) == 2
+        calls = sum(turn["from"] == "function_call" for r in raw for turn in r["conversations"])
+        assert sum(bool(m.get("tool_calls")) for c in convs for m in c.messages) == calls == 21
+    elif name in ("chat_sharegpt", "toolcall_openai"):
+        turns = "conversations" if name == "chat_sharegpt" else "messages"
+        assert [len(c.messages) for c in convs] == [len(r[turns]) for r in raw]
+        systems = 7 if name == "chat_sharegpt" else 11
+        assert sum(c.messages[0]["role"] == "system" for c in convs) == systems
     else:
         assert [c.messages[-1]["content"] for c in convs] == [r["output"] for r in raw]
 
 
-def test_registry_defaults_follow_llama_factory(shared_data):
-    alpaca, glaive = resolve_datasets("alpaca_en_demo, glaive_toolcall_en_demo", shared_data)
+def test_registry_lists_every_file_in_data(repo_data):
+    registered = {entry["file_name"] for entry in load_registry(repo_data).values()}
+    data_files = {p.name for p in repo_data.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet")}
+    assert registered == data_files - {"dataset_info.json"}
+
+
+def test_alpaca_demo_is_the_same_in_every_file_type(repo_data):
+    names = ["alpaca_demo", "alpaca_demo_jsonl", "alpaca_demo_csv", "alpaca_demo_parquet"]
+    by_type = [load_conversations(name, repo_data) for name in names]
+    assert len(by_type[0]) == 40 and sum("\n" in c.messages[-1]["content"] for c in by_type[0]) >= 3
+    for convs in by_type[1:]:
+        assert [c.messages for c in convs] == [c.messages for c in by_type[0]]
+
+
+def test_toolcall_sets_hold_the_same_dialogues_in_both_forms(repo_data):
+    """The OpenAI rows add ids, tool_call_id and some system messages; one sharegpt observation answers a
+    parallel call where the OpenAI row has one tool message per call."""
+    sharegpt = load_conversations("toolcall_sharegpt", repo_data)
+    openai = load_conversations("toolcall_openai", repo_data)
+
+    def bare(messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            if m["role"] == "system":
+                continue
+            m = {k: v for k, v in m.items() if k != "tool_call_id"}
+            if "tool_calls" in m:
+                m["tool_calls"] = [{k: v for k, v in call.items() if k != "id"} for call in m["tool_calls"]]
+            out.append(m)
+        return out
+
+    differ = [i for i, (s, o) in enumerate(zip(sharegpt, openai, strict=True)) if bare(s.messages) != bare(o.messages)]
+    assert differ == [12]
+    assert [len(m["tool_calls"]) for m in sharegpt[12].messages if "tool_calls" in m] == [2]
+    assert [m["role"] for m in openai[12].messages].count("tool") == 2
+    assert [s.tools for s in sharegpt] == [o.tools for o in openai]
+
+
+def test_registry_defaults_follow_llama_factory(repo_data):
+    alpaca, tools = resolve_datasets("alpaca_demo, toolcall_sharegpt", repo_data)
     assert alpaca.formatting == "alpaca"
     assert alpaca.columns == {"prompt": "instruction", "query": "input", "response": "output"}
-    assert alpaca.paths == [shared_data / "alpaca_en_demo.json"] and alpaca.split == "train"
-    assert glaive.formatting == "sharegpt"
-    assert glaive.columns == {"messages": "conversations", "tools": "tools"}
-    assert glaive.tags == {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                           "observation_tag": "observation", "function_tag": "function_call",
-                           "system_tag": "system"}
-    assert len(load_registry(shared_data)) == 104
-    assert resolve_datasets(None, shared_data) == [] and resolve_datasets(" ", shared_data) == []
+    assert alpaca.paths == [repo_data / "alpaca_demo.json"] and alpaca.split == "train"
+    assert tools.formatting == "sharegpt"
+    assert tools.columns == {"messages": "conversations", "tools": "tools"}
+    # the entry leaves system_tag out: it keeps its default
+    assert tools.tags == {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                          "observation_tag": "observation", "function_tag": "function_call",
+                          "system_tag": "system"}
+    (chat,) = resolve_datasets("chat_sharegpt", repo_data)
+    assert chat.tags == tools.tags
+    assert len(load_registry(repo_data)) == 8
+    assert resolve_datasets(None, repo_data) == [] and resolve_datasets(" ", repo_data) == []
 
 
 def test_entry_columns_replace_defaults_and_tags_fill_in(tmp_path):
@@ -83,9 +139,9 @@ def test_entry_columns_replace_defaults_and_tags_fill_in(tmp_path):
 # ---------------------------------------------------------------- goldens
 
 
-def test_golden_alpaca_with_input(shared_data):
-    convs = load_conversations("alpaca_en_demo", shared_data, max_samples=6)
-    assert as_json(convs[5]) == golden("alpaca_with_input.json")
+def test_golden_alpaca_with_input(repo_data):
+    convs = load_conversations("alpaca_demo", repo_data, max_samples=3)
+    assert as_json(convs[2]) == golden("alpaca_with_input.json")
 
 
 def test_golden_alpaca_with_history_and_system(tmp_path):
@@ -100,9 +156,9 @@ def test_golden_alpaca_with_history_and_system(tmp_path):
     assert as_json(conv) == golden("alpaca_history_system.json")
 
 
-def test_golden_sharegpt_glaive_first_row(shared_data):
-    (conv,) = load_conversations("glaive_toolcall_en_demo", shared_data, max_samples=1)
-    assert as_json(conv) == golden("sharegpt_glaive_row0.json")
+def test_golden_sharegpt_tool_calls_over_two_exchanges(repo_data):
+    conv = load_conversations("toolcall_sharegpt", repo_data, max_samples=2)[1]
+    assert as_json(conv) == golden("sharegpt_toolcall_row1.json")
 
 
 OPENAI_ROW = {"messages": [
@@ -148,7 +204,8 @@ def test_sharegpt_system_turn_column_and_parallel_calls(tmp_path):
     rows = [
         {"conversations": [{"from": "system", "value": "Turn system."}, {"from": "human", "value": "hi"},
                            {"from": "gpt", "value": "hello"}], "sys": "Column system."},
-        {"conversations": [{"from": "human", "value": "3 and 12?"}, {"from": "function_call", "value": json.dumps(calls)},
+        {"conversations": [{"from": "human", "value": "3 and 12?"},
+                           {"from": "function_call", "value": json.dumps(calls)},
                            {"from": "observation", "value": "[3, 12]"}, {"from": "gpt", "value": "3 and 12."}],
          "sys": "Column system."},
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": json.dumps(calls[0])}],
@@ -168,8 +225,8 @@ def test_sharegpt_system_turn_column_and_parallel_calls(tmp_path):
     assert first.tools is None
 
 
-def test_to_conversation_on_a_single_row(shared_data):
-    (spec,) = resolve_datasets("identity", shared_data)
+def test_to_conversation_on_a_single_row(repo_data):
+    (spec,) = resolve_datasets("identity", repo_data)
     conv = to_conversation({"instruction": "hi", "input": "", "output": "Hello!"}, spec, 7)
     assert conv == Conversation(messages=[{"role": "user", "content": "hi"},
                                           {"role": "assistant", "content": "Hello!"}], source=("identity", 7))
@@ -178,11 +235,11 @@ def test_to_conversation_on_a_single_row(shared_data):
 # ---------------------------------------------------------------- readers
 
 
-def test_json_list_rows_keep_their_starting_lines(shared_data, tmp_path):
-    text = (shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8").splitlines()
+def test_json_list_rows_keep_their_starting_lines(repo_data, tmp_path):
+    text = (repo_data / "alpaca_demo.json").read_text(encoding="utf-8").splitlines()
     starts = [n for n, line in enumerate(text, start=1) if line == "  {"]
-    got = [(index, line) for index, line, _ in read_rows(shared_data / "alpaca_en_demo.json")]
-    assert got == list(enumerate(starts)) and len(got) == 999
+    got = [(index, line) for index, line, _ in read_rows(repo_data / "alpaca_demo.json")]
+    assert got == list(enumerate(starts)) and len(got) == 40
     assert got[5] == (5, 27)
     # irregular layout: several rows on a line, strings holding brackets and newlines
     odd = tmp_path / "odd.json"
@@ -260,16 +317,16 @@ def test_folder_file_name_reads_every_data_file_sorted(tmp_path):
 # ---------------------------------------------------------------- several datasets, max_samples, num_samples
 
 
-def test_comma_joined_datasets_and_max_samples(shared_data):
-    convs = load_conversations("identity, alpaca_zh_demo", shared_data)
-    assert len(convs) == 91 + 1000
-    assert convs[90].source == ("identity", 90) and convs[91].source == ("alpaca_zh_demo", 0)
-    few = load_conversations("identity,glaive_toolcall_en_demo", shared_data, max_samples=3)
+def test_comma_joined_datasets_and_max_samples(repo_data):
+    convs = load_conversations("identity, chat_sharegpt", repo_data)
+    assert len(convs) == 100 + 30
+    assert convs[99].source == ("identity", 99) and convs[100].source == ("chat_sharegpt", 0)
+    few = load_conversations("identity,toolcall_sharegpt", repo_data, max_samples=3)
     assert [c.source for c in few] == [("identity", 0), ("identity", 1), ("identity", 2),
-                                       ("glaive_toolcall_en_demo", 0), ("glaive_toolcall_en_demo", 1),
-                                       ("glaive_toolcall_en_demo", 2)]
+                                       ("toolcall_sharegpt", 0), ("toolcall_sharegpt", 1),
+                                       ("toolcall_sharegpt", 2)]
     assert few[:3] == convs[:3]
-    assert len(load_conversations("identity", shared_data, max_samples=5000)) == 91
+    assert len(load_conversations("identity", repo_data, max_samples=5000)) == 100
 
 
 def test_num_samples_subsamples_and_repeats(tmp_path):

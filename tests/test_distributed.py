@@ -64,15 +64,16 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter_model.safetensors")
 
 
-def test_two_processes_equal_one_and_resume_identically(tmp_path, tiny_model_dir, shared_data):
-    data_dir = identity_dataset(tmp_path / "data", shared_data)
+def test_two_processes_equal_one_and_resume_identically(tmp_path, tiny_model_dir, repo_data):
+    data_dir = identity_dataset(tmp_path / "data", repo_data)
     torch.set_num_threads(1)
 
     # 1 process, batch 1 x accumulation 4 (in-process)
     from tunesmith.train import run_training
 
     single = tmp_path / "single"
-    run_training(load_config(None, run_config(tmp_path, tiny_model_dir, data_dir, single, gradient_accumulation_steps=4)))
+    run_training(load_config(None, run_config(tmp_path, tiny_model_dir, data_dir, single,
+                                              gradient_accumulation_steps=4)))
 
     # 2 processes (torchrun, gloo), batch 1 x accumulation 2 each: the same 4 samples per step
     pair = tmp_path / "pair"
@@ -243,12 +244,12 @@ def test_accelerator_settings_timeout_and_missing_deepspeed():
                                        torch.device("cpu"), "no")
 
 
-def test_cli_names_the_deepspeed_install_command(tmp_path, tiny_model_dir, shared_data):
+def test_cli_names_the_deepspeed_install_command(tmp_path, tiny_model_dir, repo_data):
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("DeepSpeed is installed here")
-    data_dir = identity_dataset(tmp_path / "data", shared_data)
+    data_dir = identity_dataset(tmp_path / "data", repo_data)
     cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, tiny_model_dir, data_dir, tmp_path / "out",
                                                        deepspeed=str(DS_DIR / "ds_z2_config.json")))
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(cfg)], capture_output=True, text=True,

@@ -215,12 +215,12 @@ def test_empty_offset_token_not_found_in_text_follows_previous_token(tokenizer):
     assert mask_labels([64, eos, 65], starts, [(1, 2)], len(text)) == [IGNORE_INDEX, eos, 65]
 
 
-@pytest.mark.parametrize("name", ["identity", "alpaca_en_demo", "glaive_toolcall_en_demo"])
-def test_ids_equal_apply_chat_template_on_shared_data(tokenizer, shared_data, name):
+@pytest.mark.parametrize("name", ["identity", "alpaca_demo", "chat_sharegpt", "toolcall_sharegpt", "toolcall_openai"])
+def test_ids_equal_apply_chat_template_on_repo_data(tokenizer, repo_data, name):
     from tunesmith.data.formats import load_conversations
 
-    convs = load_conversations(name, shared_data, max_samples=25)
-    assert len(convs) == 25
+    convs = load_conversations(name, repo_data, max_samples=25)
+    assert len(convs) >= 22
     for conv in convs:
         out = encode(conv, tokenizer, DataArgs(cutoff_len=100_000))
         assert out.input_ids == chat_ids(tokenizer, conv.messages, conv.tools), conv.source

@@ -158,7 +158,8 @@ def test_lora_product_with_bias_matches_autograd(train_base):
     assert ours.shape == theirs.shape == (2, 7, 40)
     assert torch.allclose(ours, theirs, atol=1e-5)
     grad = torch.randn_like(theirs)
-    for mine, ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), strict=True):
+    for mine, ref in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad),
+                         strict=True):
         assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
 
 

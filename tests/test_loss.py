@@ -120,7 +120,7 @@ def test_flop_count_follows_the_formula():
     assert lora.step_flops(10, 4, 0) == (4 * (2 * per_layer + adapters) + 2 * adapters) * 10 + 4 * 211 * 32 * 4
 
 
-def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, shared_data):
+def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, repo_data):
     """bf16 LoRA: frozen base stored in bf16, adapters and their optimizer state in fp32, losses
     close to the fp32 run's."""
     import json
@@ -133,7 +133,7 @@ def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, s
 
     if not bf16_supported("cpu"):
         pytest.skip("this CPU has no native bf16")
-    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:12]
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:12]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.json").write_text(json.dumps(data))
     (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.json"}}))
@@ -159,3 +159,26 @@ def test_bf16_run_matches_fp32_within_bf16_precision(tmp_path, tiny_model_dir, s
     # After training the adapters cast their inputs again, so the model runs without autocast.
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen", "masked"])
+def test_loss_weight_scales_a_samples_tokens_and_keeps_the_token_count(layout):
+    """A sample of weight 2 adds exactly what two copies of it add; the count stays one copy's."""
+    a, b, _ = samples()
+    weighted = Sample(a.input_ids, a.labels, 0, [2.0] * len(a.input_ids))
+    plain_b = Sample(b.input_ids, b.labels, 1)
+    from tunesmith.train.attention import choose_layout
+
+    model = tiny_model(True)
+    if layout == "varlen":
+        assert choose_layout(model, packing=False) == "varlen"
+    rows = [[weighted], [plain_b]] if layout != "masked" else [[weighted, plain_b]]
+    batch = collate(rows, 0, layout)
+    assert "loss_weights" in batch
+    loss, count = token_loss(model, batch, chunk=4)
+    twice, twice_count = token_loss(model, collate([[a], [a], [b]], 0, "padded"), chunk=4)
+    assert "loss_weights" not in collate([[a], [b]], 0, layout)  # the unweighted path stays as it was
+    assert torch.allclose(loss, twice, rtol=1e-5)
+    assert count == twice_count - (len(a.input_ids) - len(a.input_ids) // 2)
+    oracle, oracle_count = reference_loss(model, collate([[weighted], [plain_b]], 0, "padded"))
+    assert torch.allclose(loss, oracle, rtol=1e-5) and oracle_count == count

@@ -58,7 +58,8 @@ def logits(model, ids=IDS) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def random_lora(model_dir: Path, out: Path, seed: int, target: tuple[str, ...] = ("q_proj", "v_proj")) -> tuple[Path, torch.Tensor]:
+def random_lora(model_dir: Path, out: Path, seed: int,
+                target: tuple[str, ...] = ("q_proj", "v_proj")) -> tuple[Path, torch.Tensor]:
     """A saved adapter whose B matrices are non-zero (so it changes the logits), and its logits."""
     torch.manual_seed(seed)
     model = apply_finetuning(load_model(args(model_dir)), FinetuneArgs(lora_target=list(target)), verbose=False)

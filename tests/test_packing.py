@@ -158,8 +158,8 @@ def tiny_runner(tmp_path, tiny_model_dir, rows: list[dict], **common: object):
     return run
 
 
-def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, shared_data):
-    data = json.loads((shared_data / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
+def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, repo_data):
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:24]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=96, max_steps=4, train_on_prompt=True)
 
     padded = run("padded", attn_implementation="eager")  # eager has no varlen kernel: padded batches
@@ -314,11 +314,13 @@ def test_concat_layout_lets_packed_samples_see_each_other(implementation):
 
 def test_concat_batch_layout():
     assert "concat" in LAYOUTS
-    a, b, c = Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2), Sample([3, 4], [IGNORE_INDEX, 4], 0)
+    a, b, c = (Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 4), Sample([8, 9], [8, 9], 2),
+               Sample([3, 4], [IGNORE_INDEX, 4], 0))
     batch = collate([[a, b], [c]], 1, "concat")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 1, 1, 1]]
     # labels exactly as encoded: b's first label stays trained (predicted from a's last token)
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, 8, 9], [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, 8, 9],
+                                        [IGNORE_INDEX, 4, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4] and batch["position_ids"][1, :2].tolist() == [0, 1]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert int(batch["num_tokens"]) == 7 and batch["sample_index"].tolist() == [4, 2, 0]
@@ -351,8 +353,8 @@ def test_concat_rows_fit_and_hold_every_sample_once(trial):
     assert counts == {i + 5: lengths[i] for i in range(n)}  # every token of every sample, once
 
 
-def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, shared_data, capsys):
-    data = json.loads((shared_data / "identity.json").read_text(encoding="utf-8"))[:12]
+def test_contaminating_run_warns_and_trains_differently(tmp_path, tiny_model_dir, repo_data, capsys):
+    data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:12]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=192, max_steps=2, shuffle=False)
 
     clean = run("clean", packing=True)

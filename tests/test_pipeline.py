@@ -28,11 +28,11 @@ def cache_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture()
-def data_dir(tmp_path, shared_data) -> Path:
-    """A private copy of `identity` (91 rows) plus a small dataset with one over-long prompt."""
+def data_dir(tmp_path, repo_data) -> Path:
+    """A private copy of `identity` (100 rows) plus a small dataset with one over-long prompt."""
     folder = tmp_path / "data"
     folder.mkdir()
-    shutil.copy(shared_data / "identity.json", folder / "identity.json")
+    shutil.copy(repo_data / "identity.json", folder / "identity.json")
     rows = [{"instruction": "Say hi.", "input": "", "output": "Hi!"},
             {"instruction": "Repeat: " + "blah " * 300, "input": "", "output": "No."},
             {"instruction": "Say bye.", "input": "", "output": "Bye!"}]
@@ -54,7 +54,7 @@ def as_tuples(samples):
 
 def test_second_call_loads_from_cache(tokenizer, data_dir, cache_home, capsys):
     first = tokenize_datasets(cfg_for(data_dir), tokenizer)
-    assert not first.from_cache and len(first.train) == 91 and first.eval == []
+    assert not first.from_cache and len(first.train) == 100 and first.eval == []
     assert first.path == cache_home / "tokenized" / first.key and (first.path / "meta.json").exists()
     capsys.readouterr()
     second = tokenize_datasets(cfg_for(data_dir), tokenizer)
@@ -129,7 +129,7 @@ def test_tokenized_path_never_replaces_a_foreign_folder(tokenizer, data_dir, cac
 def test_val_size_split_is_deterministic_and_partitions(tokenizer, data_dir, cache_home):
     whole = tokenize_datasets(cfg_for(data_dir), tokenizer, quiet=True).train
     split = tokenize_datasets(cfg_for(data_dir, val_size=0.1), tokenizer, quiet=True)
-    assert len(split.eval) == 9 and len(split.train) == 82
+    assert len(split.eval) == 10 and len(split.train) == 90
     rows = lambda samples: [s.source[1] for s in samples]  # noqa: E731
     assert sorted(rows(split.train) + rows(split.eval)) == rows(whole)
     assert rows(split.train) == sorted(rows(split.train)) and rows(split.eval) == sorted(rows(split.eval))
@@ -139,7 +139,7 @@ def test_val_size_split_is_deterministic_and_partitions(tokenizer, data_dir, cac
     assert rows(reseeded.eval) != rows(split.eval)
     assert len(tokenize_datasets(cfg_for(data_dir, val_size=10), tokenizer, quiet=True).eval) == 10
     with pytest.raises(UserError, match="val_size"):
-        tokenize_datasets(cfg_for(data_dir, val_size=91), tokenizer, quiet=True)
+        tokenize_datasets(cfg_for(data_dir, val_size=100), tokenizer, quiet=True)
 
 
 def test_eval_dataset_and_val_size_together_is_an_error(tokenizer, data_dir, cache_home):
@@ -154,7 +154,7 @@ def test_dropped_samples_are_counted_and_reported(tokenizer, data_dir, cache_hom
     report = data.report.train
     assert report.dropped == {PROMPT_TOO_LONG: 1}
     assert report.dropped_examples == [("small", 1, PROMPT_TOO_LONG)]
-    assert report.samples == len(data.train) == 93
+    assert report.samples == len(data.train) == 2 + 100  # small keeps 2 of its 3 rows
     assert report.tokens == sum(len(s.input_ids) for s in data.train)
     assert report.trained_tokens == sum(1 for s in data.train for t in s.labels if t != IGNORE_INDEX)
     lengths = sorted(len(s.input_ids) for s in data.train)
@@ -198,7 +198,7 @@ def test_dump_writes_what_training_sees(tokenizer, data_dir, cache_home, tmp_pat
     count = dump(cfg, tokenizer, out)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     train = tokenize_datasets(cfg, tokenizer, quiet=True).train
-    assert count == len(lines) == len(train) == 93 - 3
+    assert count == len(lines) == len(train) == 2 + 100 - 3
     assert [(x["source"]["dataset"], x["source"]["index"]) for x in lines] == [s.source for s in train]
     assert [(x["input_ids"], x["labels"]) for x in lines] == [(s.input_ids, s.labels) for s in train]
     assert set(lines[0]) == {"source", "input_ids", "labels"}
@@ -209,17 +209,20 @@ def run_cli(*args, env):
                           timeout=300)
 
 
-def test_cli_preview_and_dump_on_shared_data(default_model_dir, shared_data, tmp_path, tokenizer):
+DUMPED = ("identity", "alpaca_demo_parquet", "chat_sharegpt", "toolcall_sharegpt", "toolcall_openai")
+
+
+def test_cli_preview_and_dump_on_repo_data(default_model_dir, repo_data, tmp_path, tokenizer):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump({
-        "model_name_or_path": str(default_model_dir), "dataset_dir": str(shared_data),
-        "dataset": "identity,alpaca_en_demo,glaive_toolcall_en_demo", "max_samples": 3, "cutoff_len": 1024,
+        "model_name_or_path": str(default_model_dir), "dataset_dir": str(repo_data),
+        "dataset": ",".join(DUMPED), "max_samples": 3, "cutoff_len": 1024,
     }))
     env = {**os.environ, "TUNESMITH_CACHE": str(tmp_path / "cache")}
-    shown = run_cli("data", "preview", str(cfg_path), "dataset=glaive_toolcall_en_demo,alpaca_en_demo",
+    shown = run_cli("data", "preview", str(cfg_path), "dataset=toolcall_sharegpt,alpaca_demo",
                     "max_samples=1", "-n", "2", env=env)
     assert shown.returncode == 0, shown.stderr
-    assert "=== glaive_toolcall_en_demo row 0:" in shown.stdout and "=== alpaca_en_demo row 0:" in shown.stdout
+    assert "=== toolcall_sharegpt row 0:" in shown.stdout and "=== alpaca_demo row 0:" in shown.stdout
     assert "[[" in shown.stdout and "\033[" not in shown.stdout  # piped: brackets, no colour
 
     out = tmp_path / "x.jsonl"
@@ -227,11 +230,11 @@ def test_cli_preview_and_dump_on_shared_data(default_model_dir, shared_data, tmp
     assert dumped.returncode == 0, dumped.stderr
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(x["source"]["dataset"], x["source"]["index"]) for x in lines] == \
-        [(name, i) for name in ("identity", "alpaca_en_demo", "glaive_toolcall_en_demo") for i in range(3)]
+        [(name, i) for name in DUMPED for i in range(3)]
     from tunesmith.data.formats import load_conversations
 
-    convs = load_conversations("identity,alpaca_en_demo,glaive_toolcall_en_demo", shared_data, max_samples=3)
+    convs = load_conversations(",".join(DUMPED), repo_data, max_samples=3)
     for line, conv in zip(lines, convs, strict=True):
         expected = encode(conv, tokenizer, DataArgs(cutoff_len=1024))
         assert (line["input_ids"], line["labels"]) == (expected.input_ids, expected.labels)
-    assert "Wrote 9 training samples" in dumped.stderr
+    assert "Wrote 15 training samples" in dumped.stderr

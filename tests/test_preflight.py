@@ -129,7 +129,8 @@ def test_samples_without_trained_tokens(tok):
         "1 sample with no trained token only cost time (chats row 2)."]
     for s in samples:
         s.labels = [IGNORE_INDEX] * len(s.labels)
-    assert "no sample has a trained token: there is nothing to learn." in levels(run_preflight(samples, tok, cfg), FATAL)
+    assert ("no sample has a trained token: there is nothing to learn."
+            in levels(run_preflight(samples, tok, cfg), FATAL))
 
 
 def fake(length: int, row: int) -> Encoded:
@@ -144,7 +145,8 @@ def test_padding_share_and_longest_samples(tok):
     assert "longest: lens row 1 (30 tokens, 2 trained), lens row 3 (30 tokens, 2 trained), " \
            "lens row 0 (10 tokens, 2 trained)" in report.figures
     assert not levels(report, WARNING)
-    crowded = run_preflight([fake(3, 0), fake(3, 1), fake(3, 2), fake(97, 3)], tok, config(per_device_train_batch_size=4))
+    crowded = run_preflight([fake(3, 0), fake(3, 1), fake(3, 2), fake(97, 3)], tok,
+                            config(per_device_train_batch_size=4))
     assert "padding share at batch size 4: 72.7%" in crowded.figures  # 1 - 106 / (4 x 97)
     assert any(t.startswith("73% of every batch is padding") for t in levels(crowded, WARNING))
     packed = run_preflight([fake(3, 0), fake(97, 1)], tok, config(packing=True))

@@ -124,12 +124,10 @@ class Run:
 @pytest.fixture(scope="module")
 def kill_setup(tmp_path_factory, tiny_model_dir):
     """The data, the config file and the uninterrupted reference run of the fault-injection tests."""
-    from conftest import SHARED_DATA
+    from conftest import REPO_DATA
 
-    if not (SHARED_DATA / "dataset_info.json").exists():
-        pytest.skip("shared data folder not found next to the repository")
     root = tmp_path_factory.mktemp("kill")
-    data = identity_dataset(root / "data", SHARED_DATA, rows=24)
+    data = identity_dataset(root / "data", REPO_DATA, rows=24)
     # Gradient accumulation, dropout (the RNG state must come back) and 6 steps per epoch, so
     # the kills land mid-epoch and resumes cross epochs.
     base = settings(tiny_model_dir, data, root / "ref", max_steps=36, save_steps=4, gradient_accumulation_steps=2,
@@ -234,8 +232,8 @@ def test_second_signal_stops_at_once(kill_setup):
 # ------------------------------------------------------------------------------------- exact resume
 
 @pytest.fixture()
-def data_dir(tmp_path, shared_data) -> Path:
-    return identity_dataset(tmp_path / "data", shared_data, rows=24)
+def data_dir(tmp_path, repo_data) -> Path:
+    return identity_dataset(tmp_path / "data", repo_data, rows=24)
 
 
 def test_resume_is_exact_with_packing_and_accumulation_mid_epoch(tmp_path, tiny_model_dir, data_dir):

@@ -33,6 +33,7 @@ SINGLE = CHAT[:2]
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n")
+NO_THOUGHT = "<think>\n\n</think>\n\n"  # Qwen3's empty reasoning block
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions. ")
 
@@ -64,6 +65,17 @@ GOLDEN: dict[str, dict] = {
                       "<|im_start|>assistant\n"),
         answers=["Hello!<|im_end|>\n", "4<|im_end|>\n"], stop=["<|im_end|>"]),
     "qwen3": dict(
+        specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"], bos=None, eos="<|im_end|>",
+        single=f"<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n{NO_THOUGHT}Hello!<|im_end|>\n",
+        single_prompt="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        multi=("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+               f"<|im_start|>assistant\n{NO_THOUGHT}Hello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+               f"<|im_start|>assistant\n{NO_THOUGHT}4<|im_end|>\n"),
+        multi_prompt=("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                      f"<|im_start|>assistant\n{NO_THOUGHT}Hello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                      "<|im_start|>assistant\n"),
+        answers=[f"{NO_THOUGHT}Hello!<|im_end|>\n", f"{NO_THOUGHT}4<|im_end|>\n"], stop=["<|im_end|>"]),
+    "qwen3_nothink": dict(
         specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>",
         single="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n",
         single_prompt="<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
@@ -115,6 +127,15 @@ GOLDEN: dict[str, dict] = {
         multi_prompt=("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
                       "Hello!<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"),
         answers=["Hello!<end_of_turn>\n", "4<end_of_turn>\n"], stop=["<end_of_turn>"]),
+    "gemma3": dict(
+        specials=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>",
+        single="<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n",
+        single_prompt="<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+        multi=("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+               "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n"),
+        multi_prompt=("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+                      "Hello!<end_of_turn>\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"),
+        answers=["Hello!<end_of_turn>\n", "4<end_of_turn>\n"], stop=["<end_of_turn>"]),
     "glm4": dict(
         specials=["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"],
         bos=None, eos="<|endoftext|>",
@@ -124,6 +145,27 @@ GOLDEN: dict[str, dict] = {
         multi_prompt="[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\nHello!<|user|>\n2+2?<|assistant|>",
         # No end-of-turn marker of its own: the next role tag, or eos after the last answer, closes it.
         answers=["\nHello!<|user|>", "\n4<|endoftext|>"], stop=["<|user|>", "<|observation|>"]),
+    "deepseek3": dict(
+        specials=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+        bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+        single="<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>",
+        single_prompt="<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>",
+        multi=("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+               "<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜>"),
+        multi_prompt=("<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
+                      "<｜User｜>2+2?<｜Assistant｜>"),
+        answers=["Hello!<｜end▁of▁sentence｜>", "4<｜end▁of▁sentence｜>"], stop=["<｜end▁of▁sentence｜>"]),
+    "phi4": dict(
+        specials=["<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>"], bos=None, eos="<|im_end|>",
+        single="<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|>",
+        single_prompt="<|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>",
+        multi=("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+               "<|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+               "<|im_start|>assistant<|im_sep|>4<|im_end|>"),
+        multi_prompt=("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+                      "<|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+                      "<|im_start|>assistant<|im_sep|>"),
+        answers=["Hello!<|im_end|>", "4<|im_end|>"], stop=["<|im_end|>"]),
     "phi3": dict(
         specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], bos=None, eos="<|endoftext|>",
         single="<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n",
@@ -139,7 +181,8 @@ GOLDEN: dict[str, dict] = {
         single_prompt=f"{ALPACA_SYSTEM}### Instruction:\nHi\n\n### Response:\n",
         multi=("Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
                "### Instruction:\n2+2?\n\n### Response:\n4</s>\n\n"),
-        multi_prompt="Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\n2+2?\n\n### Response:\n",
+        multi_prompt=("Be brief.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
+                      "### Instruction:\n2+2?\n\n### Response:\n"),
         answers=["Hello!</s>\n\n", "4</s>\n\n"], stop=["</s>"]),
     "vicuna": dict(
         specials=["<s>", "</s>"], bos="<s>", eos="</s>",
@@ -195,8 +238,8 @@ def template_ids(tok, messages, **kwargs) -> list[int]:
 
 def test_every_named_template_has_a_golden():
     assert set(GOLDEN) == set(TEMPLATES)
-    assert {"chatml", "qwen", "qwen3", "llama3", "llama2", "mistral", "gemma", "glm4", "phi3",
-            "alpaca", "vicuna", "default", "empty"} <= set(template_names())
+    assert {"chatml", "qwen", "qwen3", "qwen3_nothink", "deepseek3", "gemma3", "phi4", "llama3", "llama2", "mistral",
+            "gemma", "glm4", "phi3", "alpaca", "vicuna", "default", "empty"} <= set(template_names())
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
@@ -372,8 +415,8 @@ def test_tool_conversation_with_default_model_template(tokenizer):
     assert text.startswith(prompt) and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_glaive_demo_row_renders_with_default_model_template(tokenizer, shared_data):
-    row = json.loads((shared_data / "glaive_toolcall_en_demo.json").read_text())[0]
+def test_sharegpt_tool_call_row_renders_with_default_model_template(tokenizer, repo_data):
+    row = json.loads((repo_data / "toolcall_sharegpt.json").read_text(encoding="utf-8"))[0]
     roles = {"human": "user", "gpt": "assistant", "observation": "tool"}
     messages = []
     for turn in row["conversations"]:
@@ -386,7 +429,7 @@ def test_glaive_demo_row_renders_with_default_model_template(tokenizer, shared_d
     text, spans = render_with_spans(Conversation(messages, row["tools"]), tokenizer)  # tools as the JSON string
     trained = [text[a:b] for a, b in spans]
     assert sum(1 for m in messages if m["role"] == "assistant") == len(spans)
-    assert any(t.startswith('{"name": "search_recipes", "arguments": {"ingredients": [') for t in trained)
+    assert any(t.startswith('{"name": "get_weather", "arguments": {"city": "Lisbon"}') for t in trained)
     observation = next(t["value"] for t in row["conversations"] if t["from"] == "observation")
     at = text.index(observation)
     assert not _overlaps(spans, at, at + len(observation))
@@ -415,12 +458,13 @@ def test_qwen_renders_tools_natively(family):
                                              "Try the stir fry.<|im_end|>\n"]
 
 
-def test_qwen3_puts_system_before_tools_and_has_no_default_system(family):
-    tok = family("qwen3")
+@pytest.mark.parametrize("name,thought", [("qwen3_nothink", ""), ("qwen3", NO_THOUGHT)])
+def test_qwen3_puts_system_before_tools_and_has_no_default_system(family, name, thought):
+    tok = family(name)
     with_system = [{"role": "system", "content": SYSTEM}, *TOOL_CHAT]
     text = render(Conversation(with_system, RECIPE_TOOLS), tok)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\n")
-    assert f"<|im_start|>assistant\n<tool_call>\n{CALL_JSON}\n</tool_call><|im_end|>\n" in text
+    assert f"<|im_start|>assistant\n{thought}<tool_call>\n{CALL_JSON}\n</tool_call><|im_end|>\n" in text
     assert "Qwen, created by Alibaba" not in text
 
 

@@ -50,14 +50,23 @@ def _free_port() -> int:
 def webui(tmp_path_factory) -> Iterator[str]:
     """A real `tunesmith webui` server on a free local port; yields its URL."""
     _require_browser()
+    cwd = tmp_path_factory.mktemp("webui-cwd")
+    # The tests' folders all lie under pytest's base temporary folder: the workspace root.
+    server, url = _start_webui(cwd, ["--root", str(tmp_path_factory.getbasetemp())])
+    yield url
+    _stop(server)
+
+
+def _start_webui(cwd: Path, args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `tunesmith webui` on a free local port, its output in cwd/server.log; (process, URL)."""
+    import urllib.error
     import urllib.request
 
-    cwd = tmp_path_factory.mktemp("webui-cwd")
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    log = open(cwd / "server.log", "wb")  # noqa: SIM115 (open for the server's whole life)
-    server = subprocess.Popen([sys.executable, "-m", "tunesmith", "webui", "--port", str(port)], cwd=cwd,
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    env = dict(env or os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    with open(cwd / "server.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "tunesmith", "webui", "--port", str(port), *args], cwd=cwd,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while True:
@@ -65,19 +74,23 @@ def webui(tmp_path_factory) -> Iterator[str]:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     break
+        except urllib.error.HTTPError:  # answered (a login page or a refusal): it is up
+            break
         except OSError:
             pass
         if server.poll() is not None or time.time() > deadline:
             server.kill()
             pytest.fail("the web UI did not start:\n" + (cwd / "server.log").read_text(errors="replace"))
         time.sleep(0.5)
-    yield url
+    return server, url
+
+
+def _stop(server: subprocess.Popen) -> None:
     server.terminate()
     try:
         server.wait(timeout=15)
     except subprocess.TimeoutExpired:
         server.kill()
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +174,11 @@ def _dataset_dir(folder: Path, files: dict[str, str]) -> Path:
     return folder
 
 
-def test_train_watch_chat_export_in_the_browser(page, tmp_path, default_model_dir, shared_data):
+def test_train_watch_chat_export_in_the_browser(page, tmp_path, default_model_dir, repo_data):
     from tunesmith.ui.runs import CONSOLE_FILE
 
     model_dir = build_tiny_model(tmp_path / "tiny", default_model_dir)
-    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(shared_data / "identity.json")})
+    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(repo_data / "identity.json")})
     run_dir = tmp_path / "run"
 
     # --- Train: model, data (with its preview), hyper-parameters, output folder
@@ -320,12 +333,12 @@ def test_invalid_dataset_error_shows_in_the_page(page, tmp_path, default_model_d
     assert printed in shown, shown
 
 
-def test_stop_asks_the_run_for_a_clean_stop(tmp_path, default_model_dir, shared_data):
+def test_stop_asks_the_run_for_a_clean_stop(tmp_path, default_model_dir, repo_data):
     """Stop sends SIGINT to `tunesmith train`; the run ends non-zero and a fresh server reads the same state."""
     from tunesmith.ui.runs import RunManager
 
     model_dir = build_tiny_model(tmp_path / "tiny", default_model_dir)
-    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(shared_data / "identity.json")})
+    data_dir = _dataset_dir(tmp_path / "data", {"identity.json": str(repo_data / "identity.json")})
     config = (f"model_name_or_path: {model_dir}\ndataset: identity\ndataset_dir: {data_dir}\n"
               f"output_dir: {tmp_path / 'run'}\nmax_steps: 100000\nlogging_steps: 1\nsave_steps: 0\n"
               "cutoff_len: 128\nmax_samples: 8\n")
@@ -354,22 +367,21 @@ def _wait_status(runs, out: Path, done, timeout: float = 90):
 def test_form_fields_come_from_the_schema_and_make_the_cli_yaml(tmp_path):
     """The Train form's defaults are config.py's; what it holds validates as `tunesmith train` validates."""
     pytest.importorskip("gradio")
-    from tunesmith.config import load_config, schema
+    from tunesmith.config import KEYS, load_config
     from tunesmith.errors import UserError
     from tunesmith.ui import form
     from tunesmith.ui.app import FORM_KEYS, WebUI
 
-    fields = schema()
-    assert set(FORM_KEYS) <= set(fields)
+    assert set(FORM_KEYS) <= set(KEYS)
     ui = WebUI(tmp_path / "work")
-    page = {key: fields[key][1].default for key in FORM_KEYS}  # what a fresh page holds
+    page = {key: KEYS[key].default for key in FORM_KEYS}  # what a fresh page holds
     page.update(template="auto", dataset=["identity", "alpaca_en_demo"], learning_rate=2e-4,
                 max_samples="16")  # an optional number is a text box: empty = default
     _, text = ui.form_yaml(list(page.values()), "gradient_checkpointing: true\n")
     path = tmp_path / "run.yaml"
     path.write_text(text)
     cfg = load_config(path)
-    assert cfg.data.dataset == "identity,alpaca_en_demo" and cfg.train.learning_rate == 2e-4
+    assert cfg.data.dataset == ["identity", "alpaca_en_demo"] and cfg.train.learning_rate == 2e-4
     assert cfg.data.max_samples == 16 and cfg.train.gradient_checkpointing is True
     assert cfg.model.template is None and cfg.finetune.lora_alpha == 2 * cfg.finetune.lora_rank
     assert "lora_alpha" not in text  # optional keys left empty mean 'default' and are not written
@@ -385,3 +397,166 @@ def test_form_fields_come_from_the_schema_and_make_the_cli_yaml(tmp_path):
     assert str(err.value) == f"the form, line {line}: 'cutoff_len' cannot be empty; expected int."
     with pytest.raises(UserError, match=r"unknown key 'lerning_rate' \(did you mean 'learning_rate'\?\)"):
         ui.form_yaml(list(page.values()), "lerning_rate: 0.1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workspace confinement, login and Host checks, through the page's own HTTP API (gradio_client).
+
+LOGIN = ("tester", "pw-for-tests")
+
+
+class Workspace:
+    def __init__(self, root: Path, outside: Path, url: str, client: object) -> None:
+        self.root, self.outside, self.url, self.client = root, outside, url, client
+
+    def call(self, api_name: str, *args: object, **kwargs: object) -> tuple:
+        return self.client.predict(*args, api_name=api_name, **kwargs)
+
+    def form(self, **values: object) -> list[object]:
+        """What a fresh page's Train form holds, with `values` typed in; then the More keys text."""
+        from tunesmith.ui import form
+        from tunesmith.ui.app import FORM_KEYS
+
+        page = {key: form.default(key) for key in FORM_KEYS}
+        page.update(template="auto", dataset=[])
+        page.update(values)
+        return [page[k] for k in FORM_KEYS]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, default_model_dir) -> Iterator[Workspace]:
+    """A web UI confined to root/, started elsewhere, with a login; outside/ holds files it must not touch."""
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
+    base = tmp_path_factory.mktemp("workspace")
+    root, outside = base / "root", base / "outside"
+    (root / "configs").mkdir(parents=True)
+    (outside / "data").mkdir(parents=True)
+    (outside / "secret.yaml").write_text("learning_rate: 0.001\n")  # a valid config, only outside
+    (outside / "data" / "dataset_info.json").write_text(json.dumps({"leak": {"file_name": "leak.json"}}))
+    (outside / "data" / "leak.json").write_text(json.dumps([{"instruction": "outside-row", "output": "x"}]))
+    (root / "link-out").symlink_to(outside, target_is_directory=True)
+    (root / "secret-link.yaml").symlink_to(outside / "secret.yaml")
+    (root / "data").mkdir()
+    (root / "data" / "dataset_info.json").write_text(
+        json.dumps({"escape": {"file_name": "../../outside/data/leak.json"}}))
+    env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_WEBUI_AUTH"}
+    server, url = _start_webui(base, ["--root", str(root), "--auth", ":".join(LOGIN)], env)
+    try:
+        yield Workspace(root, outside, url, gradio_client.Client(url, auth=LOGIN, verbose=False))
+    finally:
+        _stop(server)
+
+
+def _message(result: tuple) -> str:
+    """The Train tab's message from a load/save/start answer (the Markdown among its outputs)."""
+    return next(v for v in result if isinstance(v, str) and v.startswith(("```text", "Saved", "Loaded", "Started")))
+
+
+def test_config_paths_outside_the_root_are_refused(workspace):
+    secret = workspace.outside / "secret.yaml"
+    for path in ["/etc/passwd", "/etc/shadow", str(secret), "../outside/secret.yaml", "link-out/secret.yaml",
+                 "secret-link.yaml", str(workspace.root / "configs" / ".." / ".." / "outside" / "secret.yaml")]:
+        message = _message(workspace.call("/load_config", path))
+        assert f"outside the workspace root {workspace.root}" in message, (path, message)
+        assert "learning_rate" not in message and "root:" not in message
+    for path in ["../outside/new.yaml", "link-out/new.yaml", str(workspace.outside / "new2.yaml")]:
+        message = _message(workspace.call("/save_config", path, *workspace.form(), ""))
+        assert f"outside the workspace root {workspace.root}" in message, (path, message)
+    assert sorted(p.name for p in workspace.outside.iterdir()) == ["data", "secret.yaml"]  # nothing written
+    message = _message(workspace.call("/save_config", "configs/mine.yaml", *workspace.form(learning_rate=0.003), ""))
+    assert message.startswith("Saved")
+    assert "learning_rate: 0.003" in (workspace.root / "configs" / "mine.yaml").read_text()
+    loaded = workspace.call("/load_config", "configs/mine.yaml")
+    assert _message(loaded).startswith("Loaded") and {"value": 0.003, "__type__": "update"} in loaded
+
+
+def test_errors_never_quote_the_file(workspace):
+    (workspace.root / "notes.txt").write_text("top-secret-token-42: the password\n")
+    (workspace.root / "values.yaml").write_text("learning_rate: secret-value-9\n")
+    (workspace.root / "binary.yaml").write_bytes(b"\xff\xfe secret-bytes")
+    (workspace.root / "broken.yaml").write_text("a: [secret-unclosed\n")
+    for name, fault in [("notes.txt", "line 1: a key that is not a config key"),
+                        ("values.yaml", "line 1: the value of 'learning_rate' is not valid for it (expected float)"),
+                        ("binary.yaml", "not a text file"), ("broken.yaml", "not valid YAML")]:
+        message = _message(workspace.call("/load_config", name))
+        assert fault in message and name in message, message
+        assert "secret" not in message.replace(str(workspace.root), ""), message
+
+
+def test_start_checks_every_path_before_writing(workspace):
+    cases = {
+        "output_dir": workspace.form(output_dir="link-out/run"),
+        "dataset_dir": workspace.form(output_dir="runs/a", dataset_dir="link-out/data", dataset=["leak"]),
+        "the file of dataset 'escape'": workspace.form(output_dir="runs/b", dataset_dir="data", dataset=["escape"]),
+        "model_name_or_path": workspace.form(output_dir="runs/c", model_name_or_path=str(workspace.outside)),
+    }
+    for what, values in cases.items():
+        message = _message(workspace.call("/start", *values, ""))
+        assert what in message and f"outside the workspace root {workspace.root}" in message, message
+    message = _message(workspace.call("/start", *workspace.form(output_dir="runs/d"), "deepspeed: /etc/ds.json\n"))
+    assert "deepspeed /etc/ds.json is outside the workspace root" in message
+    assert not (workspace.root / "runs").exists() and not (workspace.outside / "run").exists()
+    held = workspace.root / "held"
+    held.mkdir()
+    (held / "train_results.json").write_text("{}")
+    message = _message(workspace.call("/start", *workspace.form(output_dir="held"), ""))
+    assert f"output_dir {held} already holds a run" in message
+    assert sorted(p.name for p in held.iterdir()) == ["train_results.json"]  # nothing written into it
+
+
+def test_datasets_watch_chat_and_export_stay_inside(workspace):
+    note = workspace.call("/datasets", "link-out/data", [])[1]
+    assert "dataset_dir link-out/data is outside the workspace root" in note
+    choices, note, _ = workspace.call("/datasets", "data", [])
+    assert "escape" not in json.dumps(choices) and "outside-row" not in note  # its file lies outside
+    note = workspace.call("/preview", "data", ["escape"])[0]
+    assert "the file of dataset 'escape'" in note and "outside the workspace root" in note
+    assert "outside the workspace root" in str(workspace.call("/watch", str(workspace.outside)))
+    info = workspace.call("/load_chat", str(workspace.outside), "", "auto")[0]
+    assert "model_name_or_path" in info and "outside the workspace root" in info
+    info = workspace.call("/load_chat", "", "link-out", "auto")[0]
+    assert "run or adapter folder link-out is outside the workspace root" in info
+    _, result = workspace.call("/export", "", "", "auto", str(workspace.outside / "exported"), 1, "bfloat16")
+    assert "export_dir" in result and "outside the workspace root" in result
+    assert not (workspace.outside / "exported").exists()
+
+
+def test_the_page_needs_the_login(workspace):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):  # noqa: B017 (gradio_client's own types)
+        Client(workspace.url, verbose=False).predict("x.yaml", api_name="/load_config")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(workspace.url + "gradio_api/info", timeout=10)
+    assert refused.value.code == 401
+
+
+def test_requests_for_another_host_are_refused(workspace):
+    import http.client
+
+    port = int(workspace.url.rstrip("/").rsplit(":", 1)[1])
+    for host, expected in [("evil.example", 421), (f"evil.example:{port}", 421), ("127.0.0.1:1", 421),
+                           (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200)]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/", headers={"Host": host})
+        response = conn.getresponse()
+        assert response.status == expected, (host, response.status)
+        body = response.read()
+        if expected == 421:
+            assert b"DNS rebinding" in body
+        conn.close()
+
+
+def test_binding_off_loopback_needs_a_login(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_WEBUI_AUTH"}
+    for args, faults in [(["--host", "0.0.0.0"], ["refusing to serve the web UI on 0.0.0.0 without a login",
+                                                  "pass --auth USER:PASSWORD (or set TUNESMITH_WEBUI_AUTH)"]),
+                         (["--host", "0.0.0.0", "--auth", "nopassword"], ["--auth: expected USER:PASSWORD"]),
+                         (["--root", str(tmp_path / "missing")], ["no such folder"])]:
+        done = subprocess.run([sys.executable, "-m", "tunesmith", "webui", "--port", str(_free_port()), *args],
+                              capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+        assert done.returncode != 0 and all(f in done.stderr for f in faults), (args, done.stderr)

@@ -1,321 +1,268 @@
-"""OpenAI-compatible HTTP API over one ChatEngine.
+"""OpenAI-compatible HTTP API over one ChatEngine: FastAPI served by uvicorn.
 
-Standard library only: a threading HTTP server whose requests queue on the engine's lock, so
-concurrent clients are served one generation at a time by a single model instance. Bound to
-127.0.0.1 unless told otherwise; with API_KEY set every request needs that Bearer token.
+One model instance answers one generation at a time; other requests wait in a bounded queue
+(beyond it: 429 with Retry-After). Generation runs in a worker thread while the event loop
+watches the client: one that goes away cancels its generation, streamed or not, so the slot frees
+at the next token. Bound to 127.0.0.1 unless told otherwise; with API_KEY set every /v1 request
+needs that Bearer token. Request bodies are checked in api_request.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
-import json
+import logging
+import math
 import os
+import socket
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.responses import StreamingResponse
+
+from tunesmith.api_request import (
+    MAX_BODY_BYTES,
+    MAX_MESSAGES,  # noqa: F401 (callers read the limits here)
+    MAX_TOKENS_CAP,
+    ApiError,
+    ChatCompletionRequest,
+    ChatRequest,
+    parse_chat_request,
+    parse_json,
+)
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
+from tunesmith.infer import ChatEngine, Usage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-MAX_BODY_BYTES = 1_000_000
-DRAIN_LIMIT_BYTES = 32_000_000  # larger bodies are refused without reading them (connection closed)
-MAX_MESSAGES = 256
-MAX_TOKENS_CAP = 4096
-MAX_STOP_STRINGS = 4
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+DEFAULT_MAX_QUEUE = 64  # requests waiting behind the one generating
+DISCONNECT_POLL_SECONDS = 0.1
+log = logging.getLogger("tunesmith.api")
+
+_END = object()  # end of a generation's pieces
 
 
-class ApiError(Exception):
-    """An error answered to the client as an OpenAI error object."""
+class _Ticket:
+    """One admitted request's place: waiting for the engine, holding it, or done. All methods run
+    on the event loop, so the counts need no lock; the worker thread reaches them via the loop."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+    def __init__(self, server: ApiServer) -> None:
+        self.server = server
+        self.cancel = threading.Event()
+        self.state = "waiting"
+        self.started = False  # a worker thread runs (or ran) the generation and will call finish()
+        self.usage: Any = None  # the engine's Usage, filled in when the reply is finished
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    async def acquire(self) -> None:
+        await self.server.gate.acquire()
+        self.state = "holding"
 
+    def finish(self, seconds: float | None = None) -> None:
+        if self.state == "holding":
+            self.server.gate.release()
+        if self.state != "done":
+            self.server.pending -= 1
+            self.state = "done"
+        if seconds is not None:  # a running mean, for Retry-After
+            self.server.mean_seconds = 0.8 * self.server.mean_seconds + 0.2 * seconds
 
-@dataclass
-class ChatRequest:
-    """A validated /v1/chat/completions body."""
-
-    messages: list[dict[str, str]]
-    stream: bool = False
-    include_usage: bool = False
-    stop: list[str] = field(default_factory=list)
-    gen: dict[str, Any] = field(default_factory=dict)  # ChatEngine generation overrides
-
-
-def _number(body: dict[str, Any], key: str, low: float, high: float, *, low_open: bool = False) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"'{key}' must be a number, got {json.dumps(value)}.", param=key)
-    if value > high or value < low or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ApiError(400, f"'{key}' must be in {bounds}, got {value}.", param=key)
-    return float(value)
+    def abandon(self) -> None:
+        """The client went away (or the reply ended): stop the generation; free the place now
+        unless a worker still runs, which frees it when it stops."""
+        self.cancel.set()
+        if not self.started:
+            self.finish()
 
 
-def _content(value: Any, where: str) -> str:
-    """Message content: a string, or a list of text parts (other part kinds are refused)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for j, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{where}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
-                                    "supported.", param=where)
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ApiError(400, f"{where} must be a string or a list of text parts.", param=where)
+class ApiServer:
+    """The engine, the listening socket and the FastAPI app."""
 
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Check a request body field by field; raises ApiError(400) naming the field."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object.")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages")
-    if len(messages) > MAX_MESSAGES:
-        raise ApiError(400, f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are accepted.",
-                       param="messages")
-    parsed = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"{where} must be an object with 'role' and 'content'.", param=where)
-        role = message.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"{where}.role is {json.dumps(role)}; supported roles: system, user, assistant.",
-                           param=f"{where}.role")
-        parsed.append({"role": ROLES[role], "content": _content(message.get("content"), f"{where}.content")})
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise ApiError(400, "'model' must be a string.", param="model")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, "only n = 1 is supported.", param="n")
-    if body.get("tools"):
-        raise ApiError(400, "tool calling is not supported by this server.", param="tools")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false.", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
-    stop = body.get("stop")
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings.",
-                       param="stop")
-    gen: dict[str, Any] = {}
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    if temperature is not None:
-        gen["temperature"] = temperature
-        gen["do_sample"] = temperature > 0
-    top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
-    if top_p is not None:
-        gen["top_p"] = top_p
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(key)
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ApiError(400, f"'{key}' must be a positive integer, got {json.dumps(max_tokens)}.", param=key)
-        gen["max_new_tokens"] = min(max_tokens, MAX_TOKENS_CAP)
-    return ChatRequest(parsed, stream, bool(options.get("include_usage")), [s for s in stops if s], gen)
-
-
-class ApiServer(ThreadingHTTPServer):
-    """The HTTP server holding the engine; each request runs in its own thread."""
-
-    daemon_threads = True
-    request_queue_size = 128  # listen backlog; socketserver's default of 5 resets a burst of new connections
-
-    def __init__(self, address: tuple[str, int], engine: Any, *, api_key: str | None, model_id: str) -> None:
-        super().__init__(address, _Handler)
+    def __init__(self, sock: socket.socket, engine: Any, *, api_key: str | None, model_id: str,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
         self.engine = engine
         self.api_key = api_key
         self.model_id = model_id
+        self.max_queue = max_queue
         self.created = int(time.time())
+        self.pending = 0  # admitted requests: the one generating and those waiting
+        self.mean_seconds = 1.0
+        self._gate: asyncio.Lock | None = None
+        self.app = build_app(self)
+        self._uvicorn: Any = None
+        self._stopped = threading.Event()
 
+    # -- running ------------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; streamed replies use chunked transfer encoding
-    server: ApiServer
-    timeout = 120  # seconds a client may stall while sending or reading
+    def serve_forever(self) -> None:
+        """Answer requests on the socket until shutdown() (or SIGINT/SIGTERM in the main thread)."""
+        import uvicorn
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, error: ApiError) -> None:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        self._send_json(error.status, error.body(), headers)
-
-    def _authorized(self) -> bool:
-        key = self.server.api_key
-        if not key:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode("utf-8"), f"Bearer {key}".encode())
-
-    def _handle(self, method: str) -> None:
-        self._body_read = False
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5, timeout_keep_alive=30)
+        self._uvicorn = uvicorn.Server(config)
         try:
-            if not self._authorized():
-                raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'.",
-                               code="invalid_api_key")
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if method == "GET" and path == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [self._model_card()]})
-            elif method == "GET" and path == f"/v1/models/{self.server.model_id}":
-                self._send_json(200, self._model_card())
-            elif method == "POST" and path == "/v1/chat/completions":
-                self._chat_completions()
-            elif path in ("/v1/models", "/v1/chat/completions"):
-                raise ApiError(405, f"{method} is not allowed on {path}.", code="method_not_allowed")
-            else:
-                raise ApiError(404, f"no such endpoint: {method} {path}; served: GET /v1/models, "
-                                    "POST /v1/chat/completions.", code="not_found")
-        except ApiError as exc:
-            if not self._body_read and self.headers.get("Content-Length", "0").strip() not in ("", "0"):
-                self.close_connection = True  # the unread body would be taken for the next request
-            self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:  # a bug must not take the server down; the client gets a 500
-            self.log_error("internal error: %r", exc)
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self._send_error(ApiError(500, f"internal error: {exc}", type="server_error"))
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._handle("GET")
+    def shutdown(self, timeout: float = 10) -> None:
+        """Stop serve_forever running in another thread, and wait for it."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+            self._stopped.wait(timeout)
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle("POST")
+    def server_close(self) -> None:
+        self.socket.close()
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.server.model_id, "object": "model", "created": self.server.created,
-                "owned_by": "tunesmith"}
+    @property
+    def gate(self) -> asyncio.Lock:
+        if self._gate is None:  # made on the server's own event loop
+            self._gate = asyncio.Lock()
+        return self._gate
 
-    def _read_json(self) -> Any:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not accepted).")
-        length_text = self.headers.get("Content-Length")
+    # -- admission ----------------------------------------------------------------------------
+
+    def admit(self) -> _Ticket:
+        if self.pending >= 1 + self.max_queue:
+            wait = max(1, math.ceil(self.mean_seconds * self.pending))
+            raise ApiError(429, f"the server is busy: {self.pending} requests are queued or running (at most "
+                                f"{1 + self.max_queue}); retry after {wait} s.", code="rate_limit_exceeded",
+                           type="rate_limit_error", headers={"Retry-After": str(wait)})
+        self.pending += 1
+        return _Ticket(self)
+
+    def preflight(self, request: ChatRequest) -> None:
+        """Refuse prompts that do not fit, and cap max_new_tokens to the room the context leaves."""
+        engine = self.engine
         try:
-            length = int(length_text) if length_text is not None else 0
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "the Content-Length header is not a number.") from None
-        if length > MAX_BODY_BYTES:
-            if length <= DRAIN_LIMIT_BYTES:  # read and drop it, so the client can read the answer
-                left = length
-                while left > 0:
-                    data = self.rfile.read(min(left, 65536))
-                    if not data:
-                        break
-                    left -= len(data)
-                self._body_read = True
-            raise ApiError(413, f"the request body is {length} bytes; at most {MAX_BODY_BYTES} are accepted.",
-                           code="request_too_large")
-        if length <= 0:
-            raise ApiError(400, "the request has no JSON body.")
-        raw = self.rfile.read(length)
-        self._body_read = True
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-
-    # -- chat completions ---------------------------------------------------------------------
-
-    def _chat_completions(self) -> None:
-        request = parse_chat_request(self._read_json())
-        engine = self.server.engine
-        try:
-            engine.fit(request.messages)
+            kept, _ = engine.fit(request.messages)
         except UserError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        from tunesmith.infer import Usage
+        prompt_tokens = len(engine.prompt_ids(kept))
+        context = context_length(engine)
+        wanted = int(request.gen.get("max_new_tokens") or engine.cfg.generate.max_new_tokens)
+        room = MAX_TOKENS_CAP if context is None else context - prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens long; the model's context holds {context}.",
+                           param="messages", code="context_length_exceeded")
+        request.gen["max_new_tokens"] = min(wanted, room, MAX_TOKENS_CAP)
 
-        usage = Usage()
-        if not request.stream:
-            text = engine.chat(request.messages, stop=request.stop, usage=usage, **request.gen)
-            self._send_json(200, {
-                "id": completion_id, "object": "chat.completion", "created": created,
-                "model": self.server.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": usage.finish_reason}],
-                "usage": _usage_json(usage),
-            })
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+    # -- generation ---------------------------------------------------------------------------
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": self.server.model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def start(self, ticket: _Ticket, request: ChatRequest) -> asyncio.Queue:
+        """Run the generation in a thread; its pieces, then _END or the exception, arrive on the queue."""
 
-        self._event(chunk({"role": "assistant", "content": ""}))
-        stream = engine.stream_chat(request.messages, stop=request.stop, usage=usage, **request.gen)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        ticket.usage = Usage()
+
+        def to_loop(callback: Callable[..., Any], *args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                loop.call_soon_threadsafe(callback, *args)
+
+        def work() -> None:
+            started = time.monotonic()
+            last: Any = _END
+            try:
+                for piece in self.engine.stream_chat(request.messages, stop=request.stop, usage=ticket.usage,
+                                                     cancel=ticket.cancel, **request.gen):
+                    to_loop(queue.put_nowait, piece)
+            except BaseException as exc:  # handed to the request, which answers it
+                last = exc
+            to_loop(queue.put_nowait, last)
+            to_loop(ticket.finish, time.monotonic() - started)
+
+        ticket.started = True
+        threading.Thread(target=work, name="tunesmith-api-generate", daemon=True).start()
+        return queue
+
+    async def complete(self, http: Request, request: ChatRequest, ticket: _Ticket) -> dict[str, Any] | None:
+        """The whole reply, or None if the client went away first (its generation is cancelled)."""
+        watcher = asyncio.ensure_future(_disconnected(http))
         try:
-            for piece in stream:
-                self._event(chunk({"content": piece}))
-        except (BrokenPipeError, ConnectionResetError):
-            raise
-        except Exception as exc:  # headers are sent: report in the stream, then end it
-            self.log_error("generation failed: %r", exc)
-            self._event(ApiError(500, f"generation failed: {exc}", type="server_error").body())
-        else:
-            self._event(chunk({}, usage.finish_reason))
-            if request.include_usage:
-                self._event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                             "model": self.server.model_id, "choices": [], "usage": _usage_json(usage)})
+            acquire = asyncio.ensure_future(ticket.acquire())
+            await asyncio.wait({acquire, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquire.done():
+                acquire.cancel()
+                ticket.abandon()
+                return None
+            queue = self.start(ticket, request)
+            pieces: list[str] = []
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    ticket.abandon()
+                    return None
+                item = getter.result()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise _generation_error(item)
+                pieces.append(item)
         finally:
-            stream.close()  # a client that went away stops the generation
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")
+            watcher.cancel()
+        return {"content": "".join(pieces), "usage": ticket.usage}
 
-    def _event(self, payload: dict[str, Any]) -> None:
-        self._write_chunk(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
+    async def events(self, request: ChatRequest, ticket: _Ticket) -> AsyncIterator[bytes]:
+        """Server-sent events of a streamed reply. Starlette cancels this when the client goes away."""
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return _event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                           "model": self.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        try:
+            await ticket.acquire()
+            queue = self.start(ticket, request)
+            yield chunk({"role": "assistant", "content": ""})
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):  # headers are sent: report in the stream, then end it
+                    yield _event(_generation_error(item).body())
+                    break
+                yield chunk({"content": item})
+            else:
+                usage = ticket.usage
+                yield chunk({}, usage.finish_reason)
+                if request.include_usage:
+                    yield _event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                  "model": self.model_id, "choices": [], "usage": _usage_json(usage)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            ticket.abandon()
+
+
+def _generation_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, UserError):
+        return ApiError(400, str(exc))
+    log.error("generation failed", exc_info=exc)
+    return ApiError(500, "generation failed; the server's log has the details.", type="server_error")
+
+
+async def _disconnected(http: Request) -> None:
+    """Return once the client has closed its connection."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    import json
+
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
 def _usage_json(usage: Any) -> dict[str, int]:
@@ -323,47 +270,208 @@ def _usage_json(usage: Any) -> dict[str, int]:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def make_server(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                api_key: str | None = None) -> ApiServer:
+def context_length(engine: Any) -> int | None:
+    """Tokens the model can attend to: its position embeddings, or the tokenizer's stated limit."""
+    limits = [getattr(engine.model.config, "max_position_embeddings", None),
+              getattr(engine.tokenizer, "model_max_length", None)]
+    known = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**8]  # tokenizers say 1e30 for "unknown"
+    return min(known) if known else None
+
+
+async def read_body(http: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY_BYTES (announced or counted while it arrives)."""
+    length = http.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise ApiError(400, "the Content-Length header is not a number.")
+        if int(length) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is {int(length)} bytes; at most {MAX_BODY_BYTES} are accepted.",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for data in http.stream():
+        size += len(data)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes, the most accepted.",
+                           code="request_too_large")
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def build_app(server: ApiServer) -> Any:
+    """The FastAPI app: routes, the key check, and errors as OpenAI error objects."""
+    class Stream(StreamingResponse):
+        """Server-sent events whose `on_close` runs however the response ends, even unstarted."""
+
+        def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+            # Content-Type given as a header, so Starlette does not add "; charset=utf-8".
+            super().__init__(content, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            self.on_close = on_close
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.on_close()
+
+    def authorize(request: Request) -> None:
+        if not server.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {server.api_key}".encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <API_KEY>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="tunesmith", summary="OpenAI-compatible chat completions over one fine-tuned model",
+                  docs_url="/docs", redoc_url=None)
+    keyed = [Depends(authorize)]
+
+    def card() -> dict[str, Any]:
+        return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "tunesmith"}
+
+    @app.get("/v1/models", dependencies=keyed)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=keyed)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != server.model_id:
+            raise ApiError(404, f"no such model; this server serves '{server.model_id}'.", param="model",
+                           code="model_not_found")
+        return card()
+
+    body_ref = {"$ref": "#/components/schemas/ChatCompletionRequest"}
+
+    @app.post("/v1/chat/completions", dependencies=keyed, response_model=None, openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body_ref}}}})
+    async def chat_completions(http: Request) -> Any:
+        request = parse_chat_request(parse_json(await read_body(http)))
+        ticket = server.admit()  # before the tokenizing, so a flood is refused cheaply
+        try:
+            await asyncio.to_thread(server.preflight, request)
+        except BaseException:
+            ticket.abandon()
+            raise
+        if request.stream:
+            return Stream(server.events(request, ticket), on_close=ticket.abandon)
+        reply = await server.complete(http, request, ticket)
+        if reply is None:  # nobody is listening any more
+            return Response(status_code=499)
+        usage = reply["usage"]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": server.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply["content"]},
+                             "finish_reason": usage.finish_reason}],
+                "usage": _usage_json(usage)}
+
+    def answer(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return answer(exc)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        path = request.url.path
+        if exc.status_code == 404:
+            return answer(ApiError(404, f"no such endpoint: {request.method} {path}; served: GET /v1/models, "
+                                        "POST /v1/chat/completions, GET /docs.", code="not_found"))
+        if exc.status_code == 405:
+            return answer(ApiError(405, f"{request.method} is not allowed on {path}.", code="method_not_allowed"))
+        return answer(ApiError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(ApiError(400, f"invalid request: {exc.errors()[0].get('msg', 'malformed')}."))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:  # a server bug, never client input
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return answer(ApiError(500, "internal server error; the server's log has the details.",
+                               type="server_error"))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+            body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(body.pop("$defs", {}))
+            schemas["ChatCompletionRequest"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, opened before the server starts so a busy port is a plain error."""
     try:
-        return ApiServer((host, port), engine, api_key=api_key or None, model_id=engine.source.name)
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
+                        hint="give --host an address of this machine (or API_HOST).") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)  # a burst of new connections waits instead of being reset
     except OSError as exc:
+        sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                         hint="choose another --port (or API_PORT), or stop the program using it.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> ApiServer:
+    return ApiServer(_listen(host, port), engine, api_key=api_key or None, model_id=engine.source.name,
+                     max_queue=max_queue)
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"environment variable {name}={text!r} is not a whole number.") from None
+    if not low <= value <= high:
+        raise UserError(f"environment variable {name}={value} is outside {low}-{high}.")
+    return value
 
 
 def _env_port() -> int:
-    text = os.environ.get("API_PORT")
-    if not text:
-        return DEFAULT_PORT
-    try:
-        port = int(text)
-    except ValueError:
-        raise UserError(f"environment variable API_PORT={text!r} is not a port number.") from None
-    if not 0 <= port <= 65535:
-        raise UserError(f"environment variable API_PORT={port} is outside 0-65535.")
-    return port
+    return _env_int("API_PORT", DEFAULT_PORT, 0, 65535)
 
 
 def serve(cfg: RunConfig, host: str | None = None, port: int | None = None) -> None:
     """Load the model and answer requests until interrupted. Port 0 picks a free port."""
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.infer import ChatEngine
 
     host = host or os.environ.get("API_HOST") or DEFAULT_HOST
     port = _env_port() if port is None else port
+    max_queue = _env_int("API_MAX_QUEUE", DEFAULT_MAX_QUEUE, 0, 100_000)
     api_key = os.environ.get("API_KEY") or None
     hf_logging.disable_progress_bar()
     engine = ChatEngine(cfg)
-    server = make_server(engine, host, port, api_key=api_key)
-    bound_host, bound_port = server.server_address[:2]
+    server = make_server(engine, host, port, api_key=api_key, max_queue=max_queue)
+    bound_host, bound_port = server.server_address
     print(f"Loaded {engine.description}.", file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: listening on {host} without API_KEY: anyone who can reach this machine can use it.",
               file=sys.stderr)
     print(f"Serving an OpenAI-compatible API at http://{bound_host}:{bound_port}/v1 (model '{server.model_id}'"
-          f"{', API key required' if api_key else ''}). Ctrl-C stops.", file=sys.stderr, flush=True)
+          f"{', API key required' if api_key else ''}; schema at /docs). Ctrl-C stops.", file=sys.stderr, flush=True)
+    run_uvicorn(server)
+
+
+def run_uvicorn(server: ApiServer) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -7,12 +7,17 @@ User errors print without a traceback (docs/ARCHITECTURE.md, "Errors").
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tunesmith import __version__
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:
+    from tunesmith.config import RunConfig
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -33,11 +38,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.train.distributed import maybe_relaunch
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, once, before any launch
+    # A LLaMA-Factory predict YAML: do_predict with only an eval_dataset (or do_train: false) trains nothing.
+    if cfg.finetune.do_predict and not (cfg.finetune.do_train and cfg.data.dataset):
+        return _predict(cfg)
     # Several GPUs (or FORCE_TORCHRUN=1): rerun this command under torchrun, one process per GPU.
     code = maybe_relaunch(["train", args.config, *args.overrides], cfg)
     if code is not None:
         return code
     run_training(cfg)
+    if cfg.finetune.do_predict and os.environ.get("RANK", "0") == "0":  # under torchrun: the first process only
+        return _predict(cfg)
+    return 0
+
+
+def _predict(cfg: RunConfig) -> int:
+    from tunesmith.evaluate import run_eval
+
+    run_eval(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.evaluate import run_eval
+
+    run_eval(load_config(args.config, args.overrides), out_dir=args.out, compare_base=args.compare_base,
+             greedy=not args.sample)
     return 0
 
 
@@ -57,8 +83,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from tunesmith.api import serve
     from tunesmith.config import load_config
+
+    try:
+        from tunesmith.api import serve
+    except ModuleNotFoundError as exc:
+        raise UserError(f"the API server needs {exc.name}, which is not installed.",
+                        hint="pip install 'tunesmith[api]'") from None
 
     serve(load_config(args.config, args.overrides), host=args.host, port=args.port)
     return 0
@@ -67,7 +98,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_webui(args: argparse.Namespace) -> int:
     from tunesmith.ui import launch
 
-    launch(host=args.host, port=args.port)
+    launch(host=args.host, port=args.port, root=args.root, auth=args.auth)
     return 0
 
 
@@ -136,20 +167,45 @@ def build_parser() -> argparse.ArgumentParser:
             "Type 'clear' to start over, 'exit' to quit. With piped stdin: one message per line.")
     _add_config_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p = add("eval", cmd_eval, "score a model's generated answers on the eval set (BLEU-4, ROUGE)",
+            "Answer every sample of eval_dataset (else dataset) with the model `tunesmith chat` would load\n"
+            "for this config (adapter_name_or_path, else the trained result in output_dir, else the base),\n"
+            "and compare each answer with the sample's own last assistant message.\n\n"
+            "Prompts are rendered with the training template and generated in batches of\n"
+            "per_device_eval_batch_size (left padded), greedy unless --sample; max_new_tokens and\n"
+            "repetition_penalty apply. Scores, x100: BLEU-4 over the whole set (sacrebleu) and the mean\n"
+            "ROUGE-1/2/L F1 (rouge-score). Chinese/Japanese/Korean text counts one token per character,\n"
+            "other text one per word. Writes generated_predictions.jsonl (prompt, predict, label, dataset,\n"
+            "row) and predict_results.json to output_dir (or --out); --compare-base also scores the base\n"
+            "model (files *_base.*) and prints both side by side.\n\n"
+            "Example:  tunesmith eval examples/demo_identity_lora.yaml --compare-base max_new_tokens=64")
+    _add_config_args(p)
+    p.add_argument("--compare-base", action="store_true", help="also score the base model, without the training")
+    p.add_argument("--out", default=None, help="folder for the result files (default: output_dir)")
+    p.add_argument("--sample", action="store_true",
+                   help="sample with the config's temperature/top_p/top_k instead of greedy decoding")
     p = add("export", cmd_export, "merge an adapter into its base and write a stand-alone model",
             "Merge adapter(s) into the base model, write sharded safetensors to export_dir and verify\n"
             "that plain transformers loads them with the same logits.")
     _add_config_args(p)
     p = add("api", cmd_api, "serve an OpenAI-compatible chat API",
             "OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream or not).\n"
-            "Binds 127.0.0.1:8000 unless told otherwise; set API_KEY to require a Bearer token.")
+            "Binds 127.0.0.1:8000 unless told otherwise; set API_KEY to require a Bearer token.\n"
+            "One generation at a time; API_MAX_QUEUE (default 64) requests may wait, more get 429.\n"
+            "The request schema is at /docs.")
     _add_config_args(p)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, env API_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000, env API_PORT)")
     p = add("webui", cmd_webui, "train, watch, chat and export in the browser",
-            "A web page to configure and launch runs, watch the loss, chat and export.", epilog=None)
+            "A web page to configure and launch runs, watch the loss, chat and export.\n"
+            "It reads and writes only inside --root; off loopback it needs --auth.", epilog=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--root", default=None, help="workspace folder: every path the page reads or writes must lie "
+                                                "inside it (default: the current folder)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="login for the page; required to bind anything but a loopback address "
+                        "(default: env TUNESMITH_WEBUI_AUTH)")
 
     p = add("data", cmd_data, "inspect how datasets are rendered and masked",
             "See exactly what training will see.", epilog=None)
@@ -171,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Print library versions, the compute device and thread settings.", epilog=None)
     p.add_argument("--provision", action="store_true", help="provision the default model and print its folder")
     add("version", cmd_version, "print the version", "Print the tunesmith version.", epilog=None)
-    for name in ("train", "chat", "export", "api"):
+    for name in ("train", "chat", "eval", "export", "api"):
         sub.choices[name].add_argument("--keys", action="store_true", help="list every config key and exit")
     return parser
 

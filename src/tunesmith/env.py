@@ -8,6 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from tunesmith import __version__
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,7 +63,6 @@ def environment_report() -> str:
 
     import torch
 
-    from tunesmith import __version__
 
     def version(package: str) -> str:
         try:

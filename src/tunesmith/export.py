@@ -7,6 +7,7 @@ leaves a folder that looks usable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -17,9 +18,10 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import UserError
+from tunesmith.export_gguf import export_gguf, prompt_logits
 from tunesmith.files import replace_folder
 from tunesmith.loading import ModelSource, load, source_for
-from tunesmith.template import end_of_turn_ids, render, stop_strings
+from tunesmith.template import encode_segments, end_of_turn_ids, render, stop_strings
 
 # Prompts the exported model is checked on: short, multi-turn, with and without a system turn.
 VERIFY_CONVERSATIONS: list[list[dict[str, str]]] = [
@@ -50,23 +52,38 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
                         "model is written to.", hint="add e.g. `export_dir: exports/my-model`.")
     export_dir = Path(cfg.export.export_dir).expanduser().resolve()
     source = source or source_for(cfg)
+    if source.model_args.quantization_bit:  # a QLoRA adapter is merged into the full-precision base
+        print(f"note: quantization_bit {source.model_args.quantization_bit} is for training; export merges into "
+              "the unquantized base.", file=sys.stderr)
+        source = dataclasses.replace(source, model_args=dataclasses.replace(source.model_args, quantization_bit=None))
     _check_export_dir(export_dir, source, cfg)
     device = "cuda" if cfg.export.export_device == "auto" and torch.cuda.is_available() else "cpu"
 
     print(f"Exporting {source.description}", file=sys.stderr)
     # Merge in fp32: rounding happens once, when casting to the export dtype.
     model, tokenizer = load(source, dtype=torch.float32, device=device)
-    prompts = [tokenizer(render(c, tokenizer), add_special_tokens=False, return_tensors="pt")["input_ids"]
-               for c in VERIFY_CONVERSATIONS]
-    reference = _logits(model, prompts)
+    prompts = [torch.tensor([encode_segments(c, tokenizer).ids]) for c in VERIFY_CONVERSATIONS]
+    reference = prompt_logits(model, prompts)
     if source.adapters:
         model = model.merge_and_unload()
-        merged = _logits(model, prompts)
+        merged = prompt_logits(model, prompts)
         merge_diff = _max_diff(merged, reference)
     else:
         merged, merge_diff = reference, 0.0
     scale = max(1.0, max(float(r.abs().max()) for r in reference))
     tolerance = VERIFY_TOLERANCE * scale
+    gguf_dir = None
+    if cfg.export.export_gguf:  # from the fp32 merged weights, before they are rounded below
+
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        gguf_dir = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.gguf-", dir=export_dir.parent))
+        eos_ids, _ = end_of_turn_ids(tokenizer, cfg.model.template, model.generation_config.eos_token_id)
+        try:
+            export_gguf(model, tokenizer, cfg.export.export_gguf, gguf_dir, prompts, name=export_dir.name,
+                        end_of_turn=eos_ids)
+        except BaseException:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
+            raise
 
     dtype_name = _export_dtype_name(cfg, model)
     export_dtype = getattr(torch, dtype_name)
@@ -78,7 +95,7 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(param.to(export_dtype).to(param.dtype))
-        expected = _logits(model, prompts)
+        expected = prompt_logits(model, prompts)
     model = model.to(export_dtype)
 
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +106,19 @@ def run_export(cfg: RunConfig, source: ModelSource | None = None) -> Path:
         tokenizer.save_pretrained(staging)
         eos_ids, _ = end_of_turn_ids(tokenizer, cfg.model.template, model.generation_config.eos_token_id)
         _write_generation_config(model, tokenizer, eos_ids, staging)
-        (staging / "Modelfile").write_text(ollama_modelfile(tokenizer, cfg.model.template), encoding="utf-8")
+        gguf_files = [f.name for f in gguf_dir.iterdir()] if gguf_dir else []
+        for name in gguf_files:
+            shutil.move(gguf_dir / name, staging / name)
+        modelfile = ollama_modelfile(tokenizer, cfg.model.template, cfg.generate.default_system,
+                                     weights=f"./{gguf_files[0]}" if gguf_files else ".")
+        (staging / "Modelfile").write_text(modelfile, encoding="utf-8")
         del model
         loaded_diff, base_diff = _verify(staging, prompts, expected, reference, tolerance, merge_diff)
         replace_folder(staging, export_dir)  # an earlier export is replaced only now, once verified
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if gguf_dir:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
     shards = sorted(p.name for p in export_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     print(f"Verified: plain transformers loads {export_dir} ({len(shards)} weight file(s), {dtype_name}); "
           f"largest logit difference vs base+adapter: {base_diff:.3g} "
@@ -131,14 +155,6 @@ def _export_dtype_name(cfg: RunConfig, model: Any) -> str:
         stored = getattr(torch, stored, None)
     names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     return names.get(stored, "float32")
-
-
-def _logits(model: Any, prompts: list[Any]) -> list[Any]:
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in prompts]
 
 
 def _max_diff(a: list[Any], b: list[Any]) -> float:
@@ -194,7 +210,7 @@ def _verify(folder: Path, prompts: list[Any], expected: list[Any], reference: li
 
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     loaded.eval()
-    got = _logits(loaded, prompts)
+    got = prompt_logits(loaded, prompts)
     del loaded
     loaded_diff = _max_diff(got, expected)
     base_diff = _max_diff(got, reference)
@@ -305,14 +321,17 @@ def _go_literal(text: str) -> str:
     return text
 
 
-def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
+def ollama_modelfile(tokenizer: Any, template_name: str | None, default_system: str | None = None,
+                     weights: str = ".") -> str:
     """An Ollama Modelfile for this folder: the chat template in Go-template form (plain
-    system/user/assistant chats) and the end-of-turn strings as stop parameters."""
+    system/user/assistant chats) and the end-of-turn strings as stop parameters. SYSTEM follows
+    `template.with_system`: `default_system` when set, else the template's own default. `weights`
+    is what FROM names: the folder itself (safetensors), or the GGUF file in it."""
     _, multi = end_of_turn_ids(tokenizer, template_name)
     stops = list(dict.fromkeys([*stop_strings(tokenizer, template_name), *multi]))
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
-    lines = ["FROM ."]
+    lines = [f"FROM {weights}"]
     pieces = _chat_pieces(tokenizer)
     if pieces is None:
         lines.append("# The chat template could not be expressed as a Go template; write TEMPLATE by hand.")
@@ -332,8 +351,9 @@ def ollama_modelfile(tokenizer: Any, template_name: str | None) -> str:
             + "{{ end }}"
         )
         lines.append(f'TEMPLATE """{body}"""')
-        if pieces.default_system is not None:
-            lines.append(f'SYSTEM """{pieces.default_system.replace(chr(34) * 3, "")}"""')
+        system = default_system or pieces.default_system
+        if system is not None:
+            lines.append(f'SYSTEM """{system.replace(chr(34) * 3, "")}"""')
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"
 

@@ -23,5 +23,6 @@ def replace_folder(staging: Path, target: Path) -> None:
 
 def cache_dir() -> Path:
     """Where provisioned models and tokenized data live: $TUNESMITH_CACHE, else ~/.cache/tunesmith."""
-    root = os.environ.get("TUNESMITH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith"
+    root = (os.environ.get("TUNESMITH_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith")
     return Path(root)

@@ -17,9 +17,11 @@ from tunesmith.config import RunConfig
 from tunesmith.env import bf16_supported
 from tunesmith.errors import UserError
 from tunesmith.loading import ModelSource, load, source_for
-from tunesmith.template import end_of_turn_ids, render, stop_strings
+from tunesmith.template import encode_segments, end_of_turn_ids, stop_strings, with_system
 
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample")
+# Below this temperature sampling is greedy decoding: dividing logits by a tinier value overflows them.
+GREEDY_BELOW_TEMPERATURE = 1e-2
 
 
 @dataclass
@@ -49,8 +51,8 @@ def _device_and_dtype() -> tuple[str, Any]:
 class _Cancel:
     """A stopping criterion that ends generation when the reader goes away (client disconnect, Ctrl-C)."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -115,14 +117,11 @@ class ChatEngine:
     # -- prompts ---------------------------------------------------------------------------
 
     def _with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.default_system and not (messages and messages[0].get("role") == "system"):
-            return [{"role": "system", "content": self.default_system}, *messages]
-        return list(messages)
+        return with_system(messages, self.default_system)
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the conversation rendered by the training template, ready for the answer."""
-        text = render(self._with_system(messages), self.tokenizer, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_segments(self._with_system(messages), self.tokenizer, add_generation_prompt=True).ids
 
     def fit(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """Drop the oldest turns (never the system prompt or the last user message) until the
@@ -148,7 +147,7 @@ class ChatEngine:
         g = self.cfg.generate
         settings = {k: getattr(g, k) for k in GENERATION_KEYS}
         settings.update({k: v for k, v in overrides.items() if k in GENERATION_KEYS and v is not None})
-        greedy = not settings["do_sample"] or settings["temperature"] <= 0
+        greedy = not settings["do_sample"] or settings["temperature"] < GREEDY_BELOW_TEMPERATURE
         kwargs: dict[str, Any] = {
             "max_new_tokens": int(settings["max_new_tokens"]),
             "repetition_penalty": float(settings["repetition_penalty"]),
@@ -162,9 +161,11 @@ class ChatEngine:
         return kwargs
 
     def stream_chat(self, messages: list[dict[str, Any]], *, stop: list[str] | None = None,
-                    usage: Usage | None = None, **gen: Any) -> Iterator[str]:
+                    usage: Usage | None = None, cancel: threading.Event | None = None,
+                    **gen: Any) -> Iterator[str]:
         """Yield the reply's text as it is generated. `stop`: extra stop strings (not shown).
-        `usage` (and `last_usage`) gets the token counts once the reply is finished."""
+        `usage` (and `last_usage`) gets the token counts once the reply is finished.
+        `cancel`: set from another thread, it ends the generation at the next token."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -174,7 +175,7 @@ class ChatEngine:
         ids = self.prompt_ids(messages)
         usage = usage if usage is not None else Usage()
         trimmer = _StopTrimmer(self.stop_texts + extra_stops)
-        cancel = _Cancel()
+        stopper = _Cancel(cancel)
         with self.lock:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             input_ids = torch.tensor([ids], device=self.model.device)
@@ -186,7 +187,7 @@ class ChatEngine:
                     result["output"] = self.model.generate(
                         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                         eos_token_id=self.eos_ids, pad_token_id=self._pad_id(),
-                        stopping_criteria=StoppingCriteriaList([cancel]),
+                        stopping_criteria=StoppingCriteriaList([stopper]),
                         stop_strings=string_stops or None, tokenizer=self.tokenizer if string_stops else None,
                         **kwargs)
                 except BaseException as exc:  # re-raised in the reading thread
@@ -204,7 +205,7 @@ class ChatEngine:
                 if tail:
                     yield tail
             finally:
-                cancel.event.set()  # the reader may have stopped early: end generation now
+                stopper.event.set()  # the reader may have stopped early: end generation now
                 thread.join()
             if "error" in result:
                 raise result["error"]

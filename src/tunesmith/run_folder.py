@@ -5,8 +5,8 @@ export) is written into a hidden temporary sibling, flushed to disk, marked comp
 (`.complete` lists the name, size and SHA-256 of every file) and then renamed into place, so a crash or
 `kill -9` at any moment never leaves a folder that looks complete and is not. A file truncated
 afterwards (a copy cut short, a full disk, a damaged sector) no longer matches its listed size or
-hash, and such a folder is refused or skipped with the reason. Leftover temporary folders of a killed run are removed when
-the next run starts (docs/ARCHITECTURE.md, "The run folder").
+hash, and such a folder is refused or skipped with the reason. Leftover temporary folders of a killed run are
+removed when the next run starts (docs/ARCHITECTURE.md, "The run folder").
 
 The final adapter or model goes next to the run files the same way: the run folder's own
 `.complete` is removed first and written again, with the final files listed, only once they all

@@ -101,7 +101,7 @@ _QWEN = r"""
     {{- '<|im_end|>\n' -}}
 """ + _QWEN_TOOL_RESULT
 
-_QWEN3 = r"""
+_QWEN3_NOTHINK = r"""
 {%- if tools -%}
   {{- '<|im_start|>system\n' -}}
   {%- if messages and messages[0].role == 'system' -%}{{- messages[0].content + '\n\n' -}}{%- endif -%}
@@ -126,10 +126,94 @@ _QWEN3 = r"""
     {{- '<|im_end|>\n' -}}
 """ + _QWEN_TOOL_RESULT
 
-_LLAMA3 = r"""
+# Qwen3's hybrid thinking format. Every answer carries its <think> block (empty for an answer
+# without reasoning), so each prompt is a prefix of the conversation that answers it. (The
+# official template drops the blocks of answers before the last user turn, so a prompt would
+# not be what training saw.) With enable_thinking false the empty block ends the prompt instead,
+# as in the official template, and the answer is trained without reasoning.
+_QWEN3_ASSISTANT = r"""
+  {%- elif message.role == 'assistant' -%}
+    {%- set content = message.content or '' -%}
+    {%- set reasoning = '' -%}
+    {%- if message.reasoning_content is string -%}
+      {%- set reasoning = message.reasoning_content -%}
+    {%- elif '</think>' in content -%}
+      {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') -%}
+      {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+    {%- endif -%}
+    {%- if enable_thinking is defined and enable_thinking is false -%}{%- set reasoning = '' -%}{%- endif -%}
+    {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') -}}
+    {%- for call in message.tool_calls or [] -%}
+      {%- if not loop.first or content -%}{{- '\n' -}}{%- endif -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' -}}
+      {{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}
+      {{- '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+"""
+_QWEN3 = _QWEN3_NOTHINK.split("  {%- elif message.role == 'assistant' -%}")[0] + _QWEN3_ASSISTANT + \
+    _QWEN_TOOL_RESULT.replace(
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}",
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+        "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+        "{%- endif -%}{%- endif -%}")
+
+_DEEPSEEK3 = r"""
+{%- set ns = namespace(system='') -%}
+{%- for message in messages if message['role'] == 'system' -%}
+  {%- set ns.system = ns.system + ('\n\n' if not loop.first else '') + message['content'] -%}
+{%- endfor -%}
+{{- bos_token + ns.system -}}
 {%- for message in messages -%}
-  {%- if loop.first -%}{{- '<|begin_of_text|>' -}}{%- endif -%}
-  {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+  {%- if message['role'] == 'user' -%}
+    {{- '<｜User｜>' + message['content'] -}}
+  {%- elif message['role'] == 'assistant' -%}
+    {{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}
+"""
+
+_PHI4 = r"""
+{%- for message in messages -%}
+  {%- if message['role'] in ('system', 'user', 'assistant') -%}
+    {{- '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}
+"""
+
+# Llama 3 chats; with tools, Llama 3.1's JSON tool calling: the schemas and their instructions
+# open the first user turn, a call is {"name": ..., "parameters": ...} (one per line when there
+# are several; Llama 3.1's own template refuses more than one), results come as `ipython` turns.
+_LLAMA3 = r"""
+{%- set ns = namespace(tools_pending=(tools is defined and tools is not none and tools | length > 0)) -%}
+{%- for message in messages -%}
+  {%- if loop.first -%}{{- bos_token -}}{%- endif -%}
+  {%- if message['role'] == 'user' and ns.tools_pending -%}
+    {%- set ns.tools_pending = false -%}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- 'Given the following functions, please respond with a JSON for a function call ' -}}
+    {{- 'with its proper arguments that best answers the given prompt.\n\n' -}}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' -}}
+    {{- 'Do not use variables.\n\n' -}}
+    {%- for tool in tools -%}{{- tool | tojson(indent=4) + '\n\n' -}}{%- endfor -%}
+    {{- message['content'] | trim + '<|eot_id|>' -}}
+  {%- elif message['role'] == 'assistant' and message.tool_calls -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+    {%- if message['content'] -%}{{- message['content'] | trim + '\n' -}}{%- endif -%}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {%- if not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '{"name": "' + fn.name + '", "parameters": ' + fn.arguments | tojson + '}' -}}
+    {%- endfor -%}
+    {{- '<|eot_id|>' -}}
+  {%- elif message['role'] in ('tool', 'ipython') -%}
+    {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' -}}
+  {%- else -%}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+  {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
 """
@@ -152,13 +236,17 @@ _LLAMA2 = r"""
     {%- else -%}
       {%- set text = message['content'] -%}
     {%- endif -%}
-    {{- '<s>[INST] ' + text | trim + ' [/INST]' -}}
+    {{- bos_token + '[INST] ' + text | trim + ' [/INST]' -}}
   {%- elif message['role'] == 'assistant' -%}
-    {{- ' ' + message['content'] | trim + ' </s>' -}}
+    {{- ' ' + message['content'] | trim + ' ' + eos_token -}}
   {%- endif -%}
 {%- endfor -%}
 """
 
+# Mistral Instruct chats; with tools, Mistral v0.3's tool calling: [AVAILABLE_TOOLS] before the
+# first instruction (v0.3's own template moves it to the last one, so earlier prompts would not
+# be prefixes of later ones), calls as [TOOL_CALLS] [{"name": ..., "arguments": ...}] and
+# results as [TOOL_RESULTS] {"content": ...}[/TOOL_RESULTS]. Call ids are optional.
 _MISTRAL = r"""
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set system_text = messages[0]['content'] -%}
@@ -167,27 +255,51 @@ _MISTRAL = r"""
   {%- set system_text = none -%}
   {%- set turns = messages -%}
 {%- endif -%}
-{{- '<s>' -}}
-{%- for message in turns -%}
-  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-    {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}
+{%- set ns = namespace(index=0) -%}
+{%- for message in turns if not (message['role'] == 'tool' or message.tool_calls) -%}
+  {%- if (message['role'] == 'user') != (ns.index % 2 == 0) -%}
+    {{- raise_exception('After the optional system message, conversation roles must alternate '
+                        ~ 'user/assistant/user/assistant/...') -}}
   {%- endif -%}
+  {%- set ns.index = ns.index + 1 -%}
+{%- endfor -%}
+{{- bos_token -}}
+{%- if tools is defined and tools -%}
+  {{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' -}}
+{%- endif -%}
+{%- for message in turns -%}
   {%- if message['role'] == 'user' -%}
     {%- if loop.first and system_text is not none -%}
       {{- '[INST] ' + system_text + '\n\n' + message['content'] + ' [/INST]' -}}
     {%- else -%}
       {{- '[INST] ' + message['content'] + ' [/INST]' -}}
     {%- endif -%}
+  {%- elif message['role'] == 'assistant' and message.tool_calls -%}
+    {{- message['content'] + '[TOOL_CALLS] [' -}}
+    {%- for call in message.tool_calls -%}
+      {%- set fn = call.function if call.function is defined else call -%}
+      {{- '{"name": "' + fn.name + '", "arguments": ' + fn.arguments | tojson -}}
+      {%- if call.id is defined and call.id -%}{{- ', "id": "' + call.id + '"' -}}{%- endif -%}
+      {{- '}' + (', ' if not loop.last else ']') -}}
+    {%- endfor -%}
+    {{- eos_token -}}
   {%- elif message['role'] == 'assistant' -%}
-    {{- message['content'] + '</s>' -}}
+    {{- message['content'] + eos_token -}}
+  {%- elif message['role'] == 'tool' -%}
+    {{- '[TOOL_RESULTS] {"content": ' + message['content'] -}}
+    {%- if message.tool_call_id is defined and message.tool_call_id -%}
+      {{- ', "call_id": "' + message.tool_call_id + '"' -}}
+    {%- endif -%}
+    {{- '}[/TOOL_RESULTS]' -}}
   {%- else -%}
-    {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') -}}
+    {{- raise_exception('Only user, assistant and tool roles are supported, '
+                        ~ 'with the exception of an initial optional system message!') -}}
   {%- endif -%}
 {%- endfor -%}
 """
 
 _GEMMA = r"""
-{{- '<bos>' -}}
+{{- bos_token -}}
 {%- if messages and messages[0]['role'] == 'system' -%}
   {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
   {%- set turns = messages[1:] -%}
@@ -209,10 +321,12 @@ _GEMMA = r"""
 _GLM4 = r"""
 {{- '[gMASK]<sop>' -}}
 {%- if tools -%}
-  {{- '<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具' -}}
+  {{- '<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，'
+      ~ '你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具' -}}
   {%- for tool in tools -%}
     {%- set fn = tool.function if tool.function is defined else tool -%}
-    {{- '\n\n## ' + fn.name + '\n\n' + fn | tojson(indent=4) + '\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}
+    {{- '\n\n## ' + fn.name + '\n\n' + fn | tojson(indent=4)
+        + '\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}
   {%- endfor -%}
 {%- endif -%}
 {%- for message in messages -%}
@@ -253,7 +367,8 @@ _ALPACA = r"""
   {{- messages[0]['content'] -}}
   {%- set turns = messages[1:] -%}
 {%- else -%}
-  {{- 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' -}}
+  {{- 'Below is an instruction that describes a task. '
+      ~ 'Write a response that appropriately completes the request.\n\n' -}}
   {%- set turns = messages -%}
 {%- endif -%}
 {%- for message in turns -%}
@@ -270,7 +385,8 @@ _VICUNA = r"""
   {{- messages[0]['content'] + ' ' -}}
   {%- set turns = messages[1:] -%}
 {%- else -%}
-  {{- "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. " -}}
+  {{- "A chat between a curious user and an artificial intelligence assistant. "
+      ~ "The assistant gives helpful, detailed, and polite answers to the user's questions. " -}}
   {%- set turns = messages -%}
 {%- endif -%}
 {%- for message in turns -%}
@@ -300,31 +416,49 @@ _EMPTY = r"""
 {%- endfor -%}
 """
 
+EOS = "{eos_token}"  # in NamedTemplate.stop: the tokenizer's eos token, whatever its text
+
 TEMPLATES: dict[str, NamedTemplate] = {
     "chatml": NamedTemplate(_CHATML, ("<|im_end|>",), "ChatML: <|im_start|>role ... <|im_end|>; no default system."),
     "qwen": NamedTemplate(_QWEN, ("<|im_end|>",),
                           "Qwen2.5: ChatML with the default system 'You are Qwen, created by Alibaba Cloud...'; "
                           "tools in <tools>, calls in <tool_call>."),
     "qwen3": NamedTemplate(_QWEN3, ("<|im_end|>",),
-                           "Qwen3 (Instruct-2507 format): ChatML, no default system, answers without <think> blocks; "
-                           "tools as in qwen."),
+                           "Qwen3 hybrid thinking: ChatML, no default system; each answer opens with "
+                           "<think>\\n{reasoning_content}\\n</think>\\n\\n (empty without reasoning); "
+                           "enable_thinking: false ends the prompt with the empty block instead; tools as in qwen."),
+    "qwen3_nothink": NamedTemplate(_QWEN3_NOTHINK, ("<|im_end|>",),
+                                   "Qwen3 Instruct-2507 (non-thinking models): ChatML, no default system, answers "
+                                   "without <think> blocks; tools as in qwen. For hybrid Qwen3 models use qwen3."),
     "llama3": NamedTemplate(_LLAMA3, ("<|eot_id|>",),
-                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; contents trimmed."),
-    "llama2": NamedTemplate(_LLAMA2, ("</s>",),
-                            "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; roles must alternate."),
-    "mistral": NamedTemplate(_MISTRAL, ("</s>",),
-                             "Mistral Instruct v0.1/v0.2: <s>[INST] ... [/INST]answer</s>; a system message joins the "
-                             "first instruction; roles must alternate."),
+                            "Llama 3 Instruct: <|begin_of_text|><|start_header_id|>role<|end_header_id|>; "
+                            "contents trimmed; tools as Llama 3.1 JSON calls ({\"name\", \"parameters\"}, "
+                            "results as ipython)."),
+    "llama2": NamedTemplate(_LLAMA2, (EOS,),
+                            "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> ... [/INST] answer </s>; "
+                            "roles must alternate."),
+    "mistral": NamedTemplate(_MISTRAL, (EOS,),
+                             "Mistral Instruct: <s>[INST] ... [/INST]answer</s>; a system message joins the "
+                             "first instruction; roles must alternate; tools as Mistral v0.3 ([AVAILABLE_TOOLS], "
+                             "[TOOL_CALLS], [TOOL_RESULTS])."),
     "gemma": NamedTemplate(_GEMMA, ("<end_of_turn>",),
                            "Gemma: <bos><start_of_turn>user/model ... <end_of_turn>; a system message joins the first "
                            "user turn (as Gemma 3 does); roles must alternate."),
     "glm4": NamedTemplate(_GLM4, ("<|user|>", "<|observation|>"),
                           "GLM-4 chat: [gMASK]<sop><|system|>/<|user|>/<|assistant|>/<|observation|>; an answer is "
                           "closed by the next role tag (or eos).", closed_by_next_turn=True),
+    "deepseek3": NamedTemplate(_DEEPSEEK3, ("<｜end▁of▁sentence｜>",),
+                               "DeepSeek-V3 / R1: bos, the system text, then <｜User｜>... <｜Assistant｜>answer"
+                               "<｜end▁of▁sentence｜>; R1 answers train as written (with their <think> text)."),
+    "gemma3": NamedTemplate("{#- Gemma 3 -#}" + _GEMMA, ("<end_of_turn>",),
+                            "Gemma 3: as gemma (a system message opens the first user turn, contents trimmed)."),
+    "phi4": NamedTemplate(_PHI4, ("<|im_end|>",), "Phi-4: <|im_start|>role<|im_sep|> ... <|im_end|>, no newlines."),
     "phi3": NamedTemplate(_PHI3, ("<|end|>",), "Phi-3 / Phi-3.5: <|role|>\\n ... <|end|>\\n."),
-    "alpaca": NamedTemplate(_ALPACA, (), "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
+    "alpaca": NamedTemplate(_ALPACA, (),
+                            "LLaMA-Factory alpaca: ### Instruction: / ### Response:, answers end with eos."),
     "vicuna": NamedTemplate(_VICUNA, (), "Vicuna v1.1: system USER: ... ASSISTANT: answer</s>."),
-    "default": NamedTemplate(_DEFAULT, (), "LLaMA-Factory default: System:/Human:/Assistant: with eos after each turn."),
+    "default": NamedTemplate(_DEFAULT, (),
+                             "LLaMA-Factory default: System:/Human:/Assistant: with eos after each turn."),
     "empty": NamedTemplate(_EMPTY, (), "The contents alone, concatenated (no markers, no eos)."),
 }
 
@@ -333,27 +467,41 @@ def template_names() -> list[str]:
     return sorted(TEMPLATES)
 
 
-def apply_template(tokenizer: Any, name: str | None) -> str:
+# Put before a template when enable_thinking is false, so that every use of the saved tokenizer
+# (training, chat, the API, an exported folder served elsewhere) renders prompts without thinking.
+NO_THINKING = "{%- set enable_thinking = false -%}\n"
+
+
+def apply_template(tokenizer: Any, name: str | None, *, enable_thinking: bool = True) -> str:
     """Set tokenizer.chat_template to the template training will use, and return its name.
 
     None / 'auto' keeps the tokenizer's own; a tokenizer without one needs a named template.
-    The template is stored on the tokenizer so every saved tokenizer carries it.
+    The template is stored on the tokenizer so every saved tokenizer carries it, with
+    enable_thinking: false fixed in it (templates that know the variable, as Qwen3's, then
+    put an empty think block in the prompt and train answers without reasoning).
     """
     if name in (None, "", "auto"):
-        if not getattr(tokenizer, "chat_template", None):
+        source = getattr(tokenizer, "chat_template", None)
+        if not source:
             raise UserError("this model's tokenizer has no chat template; set 'template' to one of: "
                             + ", ".join(template_names()))
+        if not isinstance(source, str):
+            return "auto"
+        source = source.removeprefix(NO_THINKING)
+        tokenizer.chat_template = source if enable_thinking else NO_THINKING + source
         return "auto"
     if name not in TEMPLATES:
         raise UserError(f"unknown template '{name}'{did_you_mean(name, template_names())}; "
                         f"known templates: {', '.join(template_names())}.")
-    tokenizer.chat_template = TEMPLATES[name].jinja
+    tokenizer.chat_template = TEMPLATES[name].jinja if enable_thinking else NO_THINKING + TEMPLATES[name].jinja
     return name
 
 
 def named_template_of(tokenizer: Any) -> NamedTemplate | None:
     """The named template the tokenizer currently carries, if it is one of TEMPLATES."""
     source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, str):
+        source = source.removeprefix(NO_THINKING)
     return next((t for t in TEMPLATES.values() if t.jinja == source), None)
 
 
@@ -495,6 +643,20 @@ def normalize_tools(messages: list[dict[str, Any]], tools: Any, support: ToolSup
     return out, tools
 
 
+# --- System prompt -------------------------------------------------------------------------
+
+def with_system(messages: list[dict[str, Any]], default_system: str | None) -> list[dict[str, Any]]:
+    """The one system-prompt rule of training, chat, the API and export.
+
+    A conversation's own system message (a system turn, or the dataset's system column) wins;
+    else `default_system`, when set, opens the conversation; else the template adds its own
+    default, if it has one (qwen's "You are Qwen..."), or none.
+    """
+    if default_system and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": default_system}, *messages]
+    return list(messages)
+
+
 # --- Rendering -----------------------------------------------------------------------------
 
 def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool = False,
@@ -523,7 +685,8 @@ def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_gen
 
 
 def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bool = False,
-                      mask_history: bool = False) -> tuple[str, list[tuple[int, int]]]:
+                      mask_history: bool = False, add_generation_prompt: bool = False
+                      ) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation and return (text, trained character spans).
 
     Each assistant turn i is trained from the end of `messages[:i]` rendered with a generation
@@ -536,20 +699,28 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
     trains the role tag that follows each answer, and the text gets the eos token after a
     final answer: the one place where it differs from `render`.
     """
-    text = render(conv, tokenizer)
+    text, spans, _ = answer_spans(conv, tokenizer, add_generation_prompt=add_generation_prompt)
+    if train_on_prompt:
+        return text, [(0, len(text))]
+    return text, spans[-1:] if mask_history else spans
+
+
+def answer_spans(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_generation_prompt: bool = False
+                 ) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """(text, the character span of every assistant answer, the index of its message).
+
+    With `add_generation_prompt` the text is an inference prompt, and the spans are those of
+    the answers in its history: the same cut points training uses for that prefix.
+    """
+    if not isinstance(conv, Conversation):
+        conv = Conversation(list(conv))
+    text = render(conv, tokenizer, add_generation_prompt=add_generation_prompt)
     messages = conv.messages
     named = named_template_of(tokenizer)
     eos = getattr(tokenizer, "eos_token", None)
-    closes = named is not None and named.closed_by_next_turn
-    if train_on_prompt:
-        if closes and eos and messages and messages[-1].get("role") == "assistant":
-            text += eos
-        return text, [(0, len(text))]
-    assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if mask_history:
-        assistant_turns = assistant_turns[-1:]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     spans: list[tuple[int, int]] = []
-    for i in assistant_turns:
+    for i in turns:
         start_text = render(messages[:i], tokenizer, add_generation_prompt=True, tools=conv.tools) if i else ""
         end_text = render(messages[: i + 1], tokenizer, tools=conv.tools)
         if not (text.startswith(end_text) and end_text.startswith(start_text)):
@@ -562,13 +733,62 @@ def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bo
                 src = f"{conv.source[0]} row {conv.source[1]}: " if conv.source[0] else ""
                 raise UserError(f"{src}the chat template renders earlier turns differently once later turns "
                                 "are added, so the answer tokens cannot be located exactly.",
-                                hint="use mask_history: true, or a named template (see `tunesmith data templates`).")
+                                hint="use a named template (see `tunesmith data templates`), whose every "
+                                     "prompt is a prefix of the conversation that answers it.")
         else:
             end = len(end_text)
         spans.append((len(start_text), end))
-    if closes:
+    if named is not None and named.closed_by_next_turn:
         text, spans = _close_answers(text, spans, named.stop, eos)
-    return text, spans
+    return text, spans, turns
+
+
+@dataclass
+class Segmented:
+    """A conversation tokenized piece by piece: each prompt part and each answer apart.
+
+    pieces: (first token, end token, message index of the answer or None for a prompt part,
+    first character, end character), in order; ids is their concatenation.
+    """
+
+    text: str
+    ids: list[int]
+    pieces: list[tuple[int, int, int | None, int, int]]
+
+    def answers(self) -> list[tuple[int, int, int]]:
+        """(first token, end token, message index) of every answer."""
+        return [(a, b, turn) for a, b, turn, _, _ in self.pieces if turn is not None]
+
+
+def encode_segments(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *,
+                    add_generation_prompt: bool = False) -> Segmented:
+    """The token ids of a conversation, as training learns it and inference feeds it.
+
+    The rendered text is cut at the start and end of every answer, and each piece is tokenized
+    alone. So the ids before an answer are exactly those of its prompt tokenized for
+    generation (this function with `add_generation_prompt`), and every character of the answer
+    and its end-of-turn marker lies in the answer's own tokens, even where tokenizing the whole
+    text at once would merge the prompt's last characters with the answer's first. Training,
+    chat, the API and export's checks all encode through here.
+    """
+    text, spans, turns = answer_spans(conv, tokenizer, add_generation_prompt=add_generation_prompt)
+    cuts: list[tuple[int, int, int | None]] = []
+    position = 0
+    for (start, end), turn in zip(spans, turns, strict=True):
+        if start > position:
+            cuts.append((position, start, None))
+        cuts.append((start, end, turn))
+        position = end
+    if position < len(text):
+        cuts.append((position, len(text), None))
+    pieces: list[tuple[int, int, int | None, int, int]] = []
+    ids: list[int] = []
+    if cuts:
+        encoded = tokenizer([text[a:b] for a, b, _ in cuts], add_special_tokens=False)["input_ids"]
+        for (a, b, turn), piece_ids in zip(cuts, encoded, strict=True):
+            pieces.append((len(ids), len(ids) + len(piece_ids), turn, a, b))
+            ids.extend(piece_ids)
+    return Segmented(text, ids, pieces)
 
 
 def _close_answers(text: str, spans: list[tuple[int, int]], closers: tuple[str, ...], eos: str | None
@@ -628,7 +848,8 @@ def stop_strings(tokenizer: Any, name: str | None) -> list[str]:
     """
     named = TEMPLATES.get(name) if name else named_template_of(tokenizer)
     if named is not None and named.stop:
-        return list(named.stop)
+        eos = getattr(tokenizer, "eos_token", None)
+        return [eos if stop == EOS else stop for stop in named.stop if stop != EOS or eos]
     mark = "\x00"
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}]
     try:

@@ -42,6 +42,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     index: int  # position in the tokenized training list, for error reports
+    weights: list[float] | None = None  # per-token loss weights (messages with loss_weight); None = all 1
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -140,15 +141,29 @@ def pack_best_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 
 def collate(rows: Sequence[Sequence[Sample]], pad_id: int, layout: str) -> dict[str, torch.Tensor]:
     """One planned micro-batch in the given layout."""
+    flat = [s for row in rows for s in row]
     if layout == "varlen":
-        return collate_varlen([s for row in rows for s in row])
-    if layout == "masked":
-        return collate_packed(rows, pad_id)
-    if layout == "padded":
-        return collate_padded([s for row in rows for s in row], pad_id)
-    if layout == "concat":
-        return collate_concat(rows, pad_id)
-    raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
+        batch, laid = collate_varlen(flat), [flat]
+    elif layout == "masked":
+        batch, laid = collate_packed(rows, pad_id), rows
+    elif layout == "padded":
+        batch, laid = collate_padded(flat, pad_id), [[s] for s in flat]
+    elif layout == "concat":
+        batch, laid = collate_concat(rows, pad_id), rows
+    else:
+        raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
+    if any(s.weights is not None for s in flat):  # only then: the unweighted path stays as it is
+        batch["loss_weights"] = loss_weights(laid, batch["labels"].shape)
+    return batch
+
+
+def loss_weights(rows: Sequence[Sequence[Sample]], shape: torch.Size) -> torch.Tensor:
+    """Per-token loss weights laid out like the labels (rows of samples end to end; 0 on padding)."""
+    weights = torch.zeros(shape, dtype=torch.float32)
+    for r, row in enumerate(rows):
+        values = [w for s in row for w in (s.weights if s.weights is not None else [1.0] * len(s.input_ids))]
+        weights[r, : len(values)] = torch.tensor(values)
+    return weights
 
 
 def _sample_fields(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
@@ -227,7 +242,8 @@ def split_varlen(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list
                        "position_ids": batch["position_ids"][:, a:b], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
                        "max_length_q": lengths.max(), "max_length_k": lengths.max(),
                        "sample_index": batch["sample_index"][i:j], "num_tokens": torch.tensor(b - a),
-                       "attention_pairs": (lengths.long() ** 2).sum()})
+                       "attention_pairs": (lengths.long() ** 2).sum(),
+                       **({"loss_weights": batch["loss_weights"][:, a:b]} if "loss_weights" in batch else {})})
     return pieces
 
 
@@ -242,7 +258,8 @@ def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> di
         return batch
     cu = torch.cat([batch["cu_seq_lens_q"], torch.tensor([length + extra], dtype=torch.int32)])
     longest = torch.maximum(batch["max_length_q"], torch.tensor(extra))
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX,
+            **({"loss_weights": 0.0} if "loss_weights" in batch else {})}
     padded = {k: torch.cat([batch[k], torch.full((1, extra), v, dtype=batch[k].dtype)], dim=1) for k, v in fill.items()}
     positions = torch.cat([batch["position_ids"], torch.arange(extra, dtype=batch["position_ids"].dtype)[None]], dim=1)
     return {**batch, **padded, "position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(),
@@ -252,7 +269,8 @@ def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> di
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D boolean
     block-diagonal causal mask (True = may attend) so attention never crosses a sample boundary
-    (docs/ARCHITECTURE.md, "Packing isolation"). Kernels that add the mask instead (eager) get it converted in train/loss.py."""
+    (docs/ARCHITECTURE.md, "Packing isolation"). Kernels that add the mask instead (eager) get it
+    converted in train/loss.py."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

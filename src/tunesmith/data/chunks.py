@@ -30,7 +30,7 @@ from tunesmith.data.formats import RowError, dataset_records, to_conversation
 from tunesmith.data.preflight import FlagRules
 from tunesmith.data.readers import DataProblem, RawLine, file_progress, parse_raw_line
 from tunesmith.data.registry import DatasetSpec
-from tunesmith.template import Conversation
+from tunesmith.template import Conversation, with_system
 
 CHUNK_ROWS = 2048
 SHOWN_PROBLEMS = 5
@@ -41,9 +41,18 @@ MIN_ROWS_FOR_WORKERS = 2000
 Record = tuple[int, str, int, int | None, int, Any]
 
 
-def encode_conversations(convs: Sequence[Conversation], tokenizer: Any, data_args: DataArgs) -> list[Encoded | Dropped]:
+def apply_default_system(conv: Conversation, system: str | None) -> Conversation:
+    """The conversation with `default_system` applied by the rule chat and the API follow
+    (template.with_system): training sees the system prompt inference will add."""
+    if system:
+        conv.messages = with_system(conv.messages, system)
+    return conv
+
+
+def encode_conversations(convs: Sequence[Conversation], tokenizer: Any, data_args: DataArgs,
+                         default_system: str | None = None) -> list[Encoded | Dropped]:
     """Encode a chunk's conversations in order: the one place the store's workers call the encoder."""
-    return [encode(conv, tokenizer, data_args) for conv in convs]
+    return [encode(apply_default_system(conv, default_system), tokenizer, data_args) for conv in convs]
 
 
 class DirectTokenizer:
@@ -103,6 +112,7 @@ class WorkerState:
     data_args: DataArgs
     specs: dict[str, list[DatasetSpec]]  # split -> its datasets
     folder: Path
+    default_system: str | None = None
     rules: FlagRules | None = None
 
 
@@ -159,7 +169,8 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
     kept: list[Encoded] = []
     kept_datasets: list[int] = []
     dropped: list[list[Any]] = []
-    for ds, result in zip(conv_datasets, encode_conversations(convs, state.tokenizer, state.data_args), strict=True):
+    for ds, result in zip(conv_datasets, encode_conversations(convs, state.tokenizer, state.data_args,
+                                                                      state.default_system), strict=True):
         if isinstance(result, Encoded):
             kept.append(result)
             kept_datasets.append(ds)
@@ -244,11 +255,12 @@ class BuildResult:
 
 def build_chunks(folder: Path, splits: dict[str, list[DatasetSpec]], tokenizer: Any, data_args: DataArgs, *,
                  max_samples: int | None, seed: int, num_workers: int, rank: int = 0, world: int = 1,
-                 chunk_rows: int | None = None, on_chunk: Callable[[str, int], None] | None = None) -> BuildResult:
+                 chunk_rows: int | None = None, on_chunk: Callable[[str, int], None] | None = None,
+                 default_system: str | None = None) -> BuildResult:
     """Tokenize every chunk of every split that is this process's share and not yet in `folder`."""
     started = time.perf_counter()
     chunk_rows = chunk_rows or CHUNK_ROWS
-    state = WorkerState(direct_if_same(tokenizer), data_args, splits, folder)
+    state = WorkerState(direct_if_same(tokenizer), data_args, splits, folder, default_system)
     paths = [p for specs in splits.values() for spec in specs for p in spec.paths]
     progress = _Progress(sum(file_progress(p) for p in paths), "Tokenizing")
     progress.start()

@@ -1,11 +1,15 @@
 """One conversation -> token ids and labels, with exact masks and a stated truncation policy.
 
-Labels are aligned with input_ids (the one-token shift happens in the loss, as in Hugging Face):
-a token is trained (label = its id) iff the character where it starts lies inside a trained
-span of the rendered text (see `template.render_with_spans`), else its label is -100.
+Labels are aligned with input_ids (the one-token shift happens in the loss, as in Hugging Face).
+The conversation is encoded piece by piece (`template.encode_segments`): each prompt part and
+each answer is tokenized alone, so the ids before every answer are exactly the ids inference
+feeds for that prompt, and every character of an answer and its end-of-turn marker lies in its
+trained tokens. An answer's tokens are trained (label = id), the rest are -100. Where prompt and
+answer would merge into one token if the whole text were tokenized at once (`Assistant:"`),
+this differs from that tokenization; `data preview` marks such boundaries.
 
-The whole rendered text is tokenized once, with `add_special_tokens=False`, so the ids equal
-`tokenizer.apply_chat_template(messages, tokenize=True)`.
+A message's `loss_weight` scales its tokens' loss (0 leaves the turn untrained); samples
+without one carry no weights and take the plain path.
 
 Truncation to `cutoff_len` tokens keeps whole turns while they fit:
 
@@ -24,12 +28,12 @@ silently. `truncated` is True whenever tokens were cut off (rule 2 or 3).
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.config import DataArgs
-from tunesmith.template import Conversation, render_with_spans
+from tunesmith.template import Conversation, Segmented, encode_segments
 
 IGNORE_INDEX = -100
 PROMPT_TOO_LONG = "prompt longer than cutoff_len"
@@ -42,6 +46,7 @@ class Encoded:
     labels: list[int]  # same length as input_ids; -100 = not trained
     source: tuple[str, int]  # (dataset name, row index)
     truncated: bool = False
+    weights: list[float] | None = None  # per-token loss weight, only when a message sets loss_weight
 
     @property
     def trained_tokens(self) -> int:
@@ -54,19 +59,41 @@ class Dropped:
     reason: str
 
 
+def loss_weight(message: dict[str, Any]) -> float:
+    """A message's loss weight: 1 unless it sets `loss_weight` (a finite number >= 0)."""
+    weight = message.get("loss_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"loss_weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def label_pieces(seg: Segmented, messages: list[dict[str, Any]], data_args: DataArgs
+                 ) -> tuple[list[int], list[float] | None, list[int]]:
+    """(labels, per-token weights or None, token end of every answer) of a segmented conversation."""
+    ids = seg.ids
+    answers = seg.answers()
+    trained = answers[-1:] if data_args.mask_history else answers
+    weighted = any("loss_weight" in messages[turn] for _, _, turn in answers)
+    labels = list(ids) if data_args.train_on_prompt else [IGNORE_INDEX] * len(ids)
+    weights = [1.0] * len(ids) if weighted else None
+    for a, b, turn in answers:
+        weight = loss_weight(messages[turn]) if weighted else 1.0
+        if (a, b, turn) in trained and weight > 0:
+            labels[a:b] = ids[a:b]
+        elif not data_args.train_on_prompt or weight == 0:
+            labels[a:b] = [IGNORE_INDEX] * (b - a)
+        if weights is not None:
+            weights[a:b] = [weight] * (b - a)
+    return labels, weights, [b for _, b, _ in answers]
+
+
 def encode(conv: Conversation, tokenizer: Any, data_args: DataArgs) -> Encoded | Dropped:
     """Tokenize one conversation with its label mask, truncated to `data_args.cutoff_len`."""
-    # Assistant spans are always computed: they are the cut points even when the prompt is trained too.
-    text, answer_spans = render_with_spans(conv, tokenizer, train_on_prompt=False,
-                                           mask_history=data_args.mask_history)
-    trained_spans = [(0, len(text))] if data_args.train_on_prompt else answer_spans
-    if not answer_spans and not data_args.train_on_prompt:
+    if not data_args.train_on_prompt and not any(m.get("role") == "assistant" for m in conv.messages):
         return Dropped(conv.source, NOTHING_TRAINED)
-
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    starts = token_starts(text, ids, enc["offset_mapping"], tokenizer)
-    labels = mask_labels(ids, starts, trained_spans, len(text))
+    seg = encode_segments(conv, tokenizer)
+    labels, weights, turn_ends = label_pieces(seg, conv.messages, data_args)
+    ids = seg.ids
     if not any(label != IGNORE_INDEX for label in labels):
         return Dropped(conv.source, NOTHING_TRAINED)
 
@@ -74,16 +101,16 @@ def encode(conv: Conversation, tokenizer: Any, data_args: DataArgs) -> Encoded |
     truncated = False
     if len(ids) > cutoff:
         truncated = True
-        turn_ends = [bisect_left(starts, end) for _, end in answer_spans]  # tokens up to the turn's end
         keep = cutoff  # hard cut unless a whole trained turn fits
         for end in reversed(turn_ends):
             if end <= cutoff and any(label != IGNORE_INDEX for label in labels[:end]):
                 keep = end
                 break
         ids, labels = ids[:keep], labels[:keep]
+        weights = weights[:keep] if weights is not None else None
         if not any(label != IGNORE_INDEX for label in labels):
             return Dropped(conv.source, PROMPT_TOO_LONG)
-    return Encoded(input_ids=ids, labels=labels, source=conv.source, truncated=truncated)
+    return Encoded(input_ids=ids, labels=labels, source=conv.source, truncated=truncated, weights=weights)
 
 
 def token_starts(text: str, ids: list[int], offsets: Any, tokenizer: Any) -> list[int]:

@@ -143,12 +143,15 @@ def _message(turn: dict[str, Any], kind: str, i: int, column: str, tags: dict[st
              openai: bool) -> dict[str, Any]:
     content_key = tags["content_tag"]
     content = turn.get(content_key)
-    if openai and isinstance(content, list):
+    if isinstance(content, list):
         content = _join_text_parts(content, i, column)
     if kind == "call":
         if content is None:
             raise RowError(f"turn {i} (a function call) has no '{content_key}'", column=column)
-        return {"role": "assistant", "content": "", "tool_calls": _tool_calls(content, i, column)}
+        call: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": _tool_calls(content, i, column)}
+        if "loss_weight" in turn:
+            call["loss_weight"] = _loss_weight(turn["loss_weight"], i, column)
+        return call
     calls = turn.get("tool_calls") if openai and kind == "assistant" else None
     if content is None and calls:
         content = ""
@@ -162,19 +165,37 @@ def _message(turn: dict[str, Any], kind: str, i: int, column: str, tags: dict[st
     message: dict[str, Any] = {"role": kind, "content": content}
     if openai:  # OpenAI messages keep their other keys (tool_call_id, name, ...) as they are
         message.update((k, v) for k, v in turn.items() if k not in (tags["role_tag"], content_key, "tool_calls"))
+    if "loss_weight" in turn:
+        message["loss_weight"] = _loss_weight(turn["loss_weight"], i, column)
     if calls:
         message["tool_calls"] = _tool_calls(calls, i, column)
     return message
 
 
+def _loss_weight(value: Any, i: int, column: str) -> float:
+    from tunesmith.data.encode import loss_weight
+
+    try:
+        return loss_weight({"loss_weight": value})
+    except ValueError as exc:
+        raise RowError(f"turn {i}: {exc}", column=column,
+                       fix="give loss_weight as a number: 0 leaves the turn untrained, 1 is the usual weight") from None
+
+
 def _join_text_parts(parts: list[Any], i: int, column: str) -> str:
+    """Text parts joined: OpenAI's {"type": "text", "text": ...} or LLaMA-Factory's {"type": "text", "value": ...}."""
     texts = []
-    for part in parts:
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise RowError(f"turn {i}: content part of type '{kind}' is not supported yet (text only)", column=column,
-                           fix="use text content")
-        texts.append(part["text"])
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise RowError(f"turn {i}: content part {k} is of type '{kind}', which is not supported yet (text only)",
+                           column=column, fix="use text content")
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            keys = ", ".join(map(str, part))
+            raise RowError(f"turn {i}: text part {k} has no string 'text' or 'value' (its keys: {keys})",
+                           column=column, fix='write each text part as {"type": "text", "text": "..."}')
+        texts.append(text)
     return "".join(texts)
 
 

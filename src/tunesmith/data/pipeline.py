@@ -5,7 +5,7 @@ chunk by chunk by worker processes (data/chunks.py), a content-keyed cache, a re
 The cache key is a hash of everything the result depends on: the data files' bytes and their
 dataset_info.json entries, the tokenizer (its full serialized vocabulary/merges and chat
 template), the template name, cutoff_len, train_on_prompt, mask_history, max_samples,
-val_size, seed, skip_invalid, TOKENIZE_VERSION and the source of the modules that convert, render
+val_size, seed, skip_invalid, default_system, TOKENIZE_VERSION and the source of the modules that convert, render
 and encode. Changing any of them tokenizes afresh. A data file's content hash is kept beside the
 cache with the file's size and modification time, and reused while both are unchanged, so a
 start from the cache does not read the data again.
@@ -36,7 +36,7 @@ from tunesmith.files import replace_folder
 from tunesmith.template import Conversation
 
 # Bump when encode()/the stored format changes, so old caches are not reused.
-TOKENIZE_VERSION = "2"
+TOKENIZE_VERSION = "3"
 MAX_DROP_EXAMPLES = 5
 
 
@@ -234,7 +234,7 @@ def cache_key(cfg: RunConfig, tokenizer: Any, train_data: str, eval_data: str) -
         "tokenizer": tokenizer_fingerprint(tokenizer), "template": cfg.model.template,
         "cutoff_len": d.cutoff_len, "train_on_prompt": d.train_on_prompt, "mask_history": d.mask_history,
         "max_samples": d.max_samples, "val_size": d.val_size, "seed": cfg.train.seed,
-        "skip_invalid": d.skip_invalid,
+        "skip_invalid": d.skip_invalid, "default_system": cfg.generate.default_system,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -397,6 +397,7 @@ def _names(value: list[str] | None) -> list[str]:
 def _first_conversations(names: list[str], cfg: RunConfig, n: int) -> list[Conversation]:
     """The first n conversations of the datasets, read in a stream (a row that cannot be read
     is reported as such, whatever its position)."""
+    from tunesmith.data.chunks import apply_default_system
     from tunesmith.data.formats import RowError, dataset_records, to_conversation
     from tunesmith.data.readers import DataProblem
     from tunesmith.data.registry import resolve_datasets
@@ -412,10 +413,13 @@ def _first_conversations(names: list[str], cfg: RunConfig, n: int) -> list[Conve
                     continue
                 raise UserError(str(row))
             try:
-                out.append(to_conversation(row, spec, index))
+                conv = to_conversation(row, spec, index)
             except RowError as exc:
                 if not d.skip_invalid:
                     raise UserError(str(DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix))) from None
+                continue
+            # the system-prompt rule chat, the API and the store's workers follow (template.with_system)
+            out.append(apply_default_system(conv, cfg.generate.default_system))
     return out
 
 
@@ -505,7 +509,8 @@ def _build(cfg: RunConfig, tokenizer: Any, key: str, target: Path, num_workers: 
         num_workers = d.preprocessing_num_workers if d.preprocessing_num_workers is not None else default_num_workers()
     try:
         built = build_chunks(partial, specs, tokenizer, d, max_samples=d.max_samples, seed=cfg.train.seed,
-                             num_workers=num_workers, rank=rank, world=world)
+                             num_workers=num_workers, rank=rank, world=world,
+                             default_system=cfg.generate.default_system)
         if rank == 0:
             _wait_for_chunks(partial, target, built.chunks, started_at)
             from filelock import FileLock
@@ -538,14 +543,33 @@ def _build(cfg: RunConfig, tokenizer: Any, key: str, target: Path, num_workers: 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
-def format_sample(sample: Encoded, tokenizer: Any, *, color: bool) -> str:
-    """The sample's text with its trained runs marked: green on a terminal, else [[...]]."""
+MERGE_MARK = "\u2016"  # ‖
+
+
+def merged_boundaries(conv: Conversation, tokenizer: Any) -> set[int]:
+    """Token positions of the piece boundaries (prompt | answer) that tokenizing the whole text at
+    once would not cut: there one token would span the end of the prompt and the start of the answer."""
+    from tunesmith.data.encode import token_starts
+    from tunesmith.template import encode_segments
+
+    seg = encode_segments(conv, tokenizer)
+    whole = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = set(token_starts(seg.text, list(whole["input_ids"]), whole["offset_mapping"], tokenizer))
+    return {first for first, _, _, char, _ in seg.pieces[1:] if char not in starts}
+
+
+def format_sample(sample: Encoded, tokenizer: Any, *, color: bool, marks: set[int] | None = None) -> str:
+    """The sample's text with its trained runs marked: green on a terminal, else [[...]]; a merged
+    boundary (see `merged_boundaries`) shows as MERGE_MARK."""
     out: list[str] = []
+    marks = marks or set()
     i, n = 0, len(sample.input_ids)
     while i < n:
+        if i in marks:
+            out.append(MERGE_MARK)
         trained = sample.labels[i] != IGNORE_INDEX
         j = i
-        while j < n and (sample.labels[j] != IGNORE_INDEX) == trained:
+        while j < n and (sample.labels[j] != IGNORE_INDEX) == trained and (j == i or j not in marks):
             j += 1
         piece = tokenizer.decode(sample.input_ids[i:j], skip_special_tokens=False,
                                  clean_up_tokenization_spaces=False)
@@ -565,7 +589,7 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
     if not _names(cfg.data.dataset):
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; nothing to preview.")
     convs = _first_conversations(_names(cfg.data.dataset), cfg, n)
-    shown = 0
+    shown = merged = 0
     for conv in convs:
         result = encode(conv, tokenizer, cfg.data)
         name, row = result.source
@@ -575,10 +599,16 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
             cut = ", truncated to cutoff_len" if result.truncated else ""
             print(f"=== {name} row {row}: {len(result.input_ids)} tokens, {result.trained_tokens} trained{cut} ===",
                   file=file)
-            print(format_sample(result, tokenizer, color=color), file=file)
+            marks = merged_boundaries(conv, tokenizer)
+            merged += bool(marks)
+            print(format_sample(result, tokenizer, color=color, marks=marks), file=file)
         shown += 1
     legend = "green = trained" if color else "[[...]] = trained"
     print(f"(the first {shown} rows; {legend}; labels are -100 elsewhere)", file=file)
+    if merged:
+        print(f"{MERGE_MARK} = a prompt/answer boundary where tokenizing the whole text at once would merge the "
+              f"two sides into one token; each side is tokenized alone, as inference feeds the prompt "
+              f"({merged} of {shown} rows).", file=file)
 
 
 def dump(cfg: RunConfig, tokenizer: Any, out_path: str | Path) -> int:

@@ -140,10 +140,8 @@ def _trains(labels: np.ndarray, marker: list[int]) -> bool:
     first = np.flatnonzero(labels == marker[0])
     if len(marker) == 1:
         return len(first) > 0
-    for at in first:
-        if at + len(marker) <= len(labels) and labels[at : at + len(marker)].tolist() == marker:
-            return True
-    return False
+    return any(at + len(marker) <= len(labels) and labels[at : at + len(marker)].tolist() == marker
+               for at in first)
 
 
 def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) -> PreflightReport:

@@ -6,6 +6,8 @@ complete; `meta.json` is written last and marks the whole store complete. A chun
 
 - `ids.npy` (int32) and `trained.npy` (bool): the tokens of its samples laid end to end, and
   whether each token is trained (its label is its id, else -100);
+- `weights.npy` (float32), only in a chunk where some sample sets per-token loss weights
+  (messages with `loss_weight`): every token's weight, 1 for samples without weights;
 - `index.npy`: one record per sample: length, start in ids.npy, dataset, row, trained-token
   count and flags (truncated, and the facts the preflight checks read);
 - `summary.json`: the rows the chunk read, the rows it dropped (with reasons) and the rows it
@@ -30,7 +32,7 @@ import numpy as np
 from tunesmith.data.batching import Sample
 from tunesmith.data.encode import IGNORE_INDEX, Encoded
 
-STORE_FORMAT = "2"
+STORE_FORMAT = "3"
 INDEX_DTYPE = np.dtype([("length", np.int32), ("start", np.int64), ("dataset", np.int32), ("row", np.int64),
                         ("trained", np.int32), ("flags", np.uint8)])
 
@@ -40,6 +42,7 @@ END_OF_TURN_TRAINED = 2
 HAS_EOS = 4
 EOS_TRAINED = 8
 DOUBLE_BOS = 16
+WEIGHTED = 32  # the sample has per-token loss weights (in the chunk's weights.npy)
 
 
 def chunk_name(split: str, number: int) -> str:
@@ -80,9 +83,15 @@ def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded
     index["dataset"] = np.asarray(dataset_ids, dtype=np.int32)
     index["row"] = np.fromiter((s.source[1] for s in samples), dtype=np.int64, count=len(samples))
     index["flags"] = [flags_of(all_ids[a : a + n], all_labels[a : a + n], s.truncated)
+                      | (WEIGHTED if s.weights is not None else 0)
                       for a, n, s in zip(starts.tolist(), lengths.tolist(), samples, strict=True)]
     np.save(tmp / "ids.npy", ids)
     np.save(tmp / "trained.npy", trained)
+    if any(s.weights is not None for s in samples):  # only data that sets loss_weight stores weights
+        weights_buf = array("f")
+        for s in samples:
+            weights_buf.extend(s.weights if s.weights is not None else [1.0] * len(s.input_ids))
+        np.save(tmp / "weights.npy", np.frombuffer(weights_buf, dtype=np.float32))
     np.save(tmp / "index.npy", index)
     (tmp / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     if final.exists():  # written by another process meanwhile: same inputs, same content
@@ -116,6 +125,7 @@ class StoreSplit:
         # Token files are mapped when a chunk is first read (opening a store maps none of them).
         self._ids: list[np.ndarray | None] = [None] * len(self._dirs)
         self._trained: list[np.ndarray | None] = [None] * len(self._dirs)
+        self._weights: list[np.ndarray | None] = [None] * len(self._dirs)
         indexes = [np.load(d / "index.npy") for d in self._dirs]
         counts = np.array([len(x) for x in indexes], dtype=np.int64)
         self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -134,6 +144,18 @@ class StoreSplit:
             ids = self._ids[chunk] = np.load(self._dirs[chunk] / "ids.npy", mmap_mode="r")
             trained = self._trained[chunk] = np.load(self._dirs[chunk] / "trained.npy", mmap_mode="r")
         return ids[start : start + length], trained[start : start + length]
+
+    def weights(self, i: int) -> list[float] | None:
+        """Per-token loss weights of sample i, or None when it has none (all 1)."""
+        rec = self.index[i]
+        if not rec["flags"] & WEIGHTED:
+            return None
+        chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
+        weights = self._weights[chunk]
+        if weights is None:
+            weights = self._weights[chunk] = np.load(self._dirs[chunk] / "weights.npy", mmap_mode="r")
+        start = int(rec["start"])
+        return weights[start : start + int(rec["length"])].tolist()
 
 
 class SampleView(Sequence[Encoded]):
@@ -171,7 +193,7 @@ class SampleView(Sequence[Encoded]):
         rec = self._split.index[p]
         return Encoded(input_ids=id_list, labels=labels,
                        source=(self._split.datasets[int(rec["dataset"])], int(rec["row"])),
-                       truncated=bool(rec["flags"] & TRUNCATED))
+                       truncated=bool(rec["flags"] & TRUNCATED), weights=self._split.weights(p))
 
     def __iter__(self) -> Iterator[Encoded]:
         for i in range(len(self)):
@@ -204,7 +226,7 @@ class SampleView(Sequence[Encoded]):
     def training_sample(self, i: int) -> Sample:
         p = self._pos(i)
         ids, trained = self._split.tokens(p)
-        return Sample(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), i)
+        return Sample(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), i, self._split.weights(p))
 
     def as_samples(self) -> TrainingSamples:
         return TrainingSamples(self)

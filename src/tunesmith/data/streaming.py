@@ -109,7 +109,8 @@ class SampleStream:
                 if problems <= SHOWN_DROPS:
                     print(f"tunesmith: skipped invalid row: {problem}", file=sys.stderr)
                 continue
-            (result,) = encode_conversations([conv], self.tokenizer, self.data_args)
+            (result,) = encode_conversations([conv], self.tokenizer, self.data_args,
+                                             self.cfg.generate.default_system)
             if isinstance(result, Encoded):
                 kept += 1
                 yield result
@@ -149,4 +150,4 @@ class SampleStream:
                 continue
             self.sources.add(position, encoded.source)
             self.position = position + 1
-            yield Sample(encoded.input_ids, encoded.labels, position)
+            yield Sample(encoded.input_ids, encoded.labels, position, encoded.weights)

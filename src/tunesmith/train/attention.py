@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tunesmith.train.kernels import ROW_MULTIPLE
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -21,6 +23,8 @@ VARLEN_SDPA = "tunesmith_varlen_sdpa"
 # bf16 attention on the CPU: "matmul" (CausalMatmulAttention, bf16 products on the AMX units), "fp32"
 # (torch's flash kernel on q, k, v cast up) or "sdpa" (torch's flash kernel in bf16); bench/profile_step.py A/Bs them
 CPU_BF16_ATTENTION = "matmul"
+# A host copy of cu_seq_lens_q that the training step adds to a batch on the GPU (distributed.to_device).
+HOST_BOUNDS = "cu_seq_lens_host"
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -74,7 +78,6 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     """(1, heads, L, d) query against (1, kv_heads, L, d) key/value; returns (1, L, heads, d) like sdpa's wrapper."""
     import torch.nn.functional as F
 
-    from tunesmith.train.kernels import ROW_MULTIPLE
 
     global _CAUSAL_MATMUL
     if _CAUSAL_MATMUL is None:
@@ -183,6 +186,8 @@ def forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
         kwargs.update({k: batch[k] for k in _VARLEN_KEYS[:2]})
         kwargs.update({k: int(batch[k]) for k in _VARLEN_KEYS[2:]})  # flash-attn wants plain ints
         if implementation == VARLEN_SDPA:
+            # The per-sample kernel slices by the boundaries in every layer: from the host, no device sync.
+            kwargs["cu_seq_lens_q"] = batch.get(HOST_BOUNDS, batch["cu_seq_lens_q"])
             # An all-ones padding mask makes transformers skip building a (T x T) packed mask that
             # the per-sample kernel would ignore anyway.
             kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])

@@ -8,18 +8,17 @@ The training loop stays one code path; this module supplies what differs between
 - `deepspeed_config` / `deepspeed_plugin_kwargs`: a DeepSpeed JSON with "auto" values filled from the
   run's config; `fsdp_plugin_kwargs`: an accelerate FSDP config turned into plugin arguments. Both are
   plain dicts, so they are testable without DeepSpeed or GPUs.
-- `make_accelerator`, `prepare`, `micro_step`, `loss_scale`, `lockstep_count`: what the loop calls so
+- `make_accelerator`, `prepare`, `micro_step`, `backward`, `deepspeed_step`, `lockstep_count`: what the loop calls so
   that the same code runs under DDP, ZeRO and FSDP.
 - Saving: `gather_state_dict` (a collective under ZeRO-3 and FSDP, so every rank calls it), per-rank
   RNG states, and the sharded optimizer state of ZeRO/FSDP checkpoints through `accelerator.save_state`.
 
-Gradient accumulation under DeepSpeed: the loop accumulates k micro-batches itself. DeepSpeed is told
-the same k (`gradient_accumulation_steps`), the loop marks the last micro-batch of each optimizer step
-as the accumulation boundary (`accelerator.sync_gradients`), and accelerate's backward then calls the
-engine's `step()` (clipping, optimizer step, zero grad) exactly once per optimizer step. DeepSpeed
-divides every micro-batch loss by k; `loss_scale` multiplies it back, so the token-weighted loss of
-The token-weighted loss (docs/ARCHITECTURE.md, "Loss") is unchanged. The learning-rate schedule stays tunesmith's (created on the prepared
-optimizer), so a DeepSpeed "scheduler" block is refused.
+Gradient accumulation under DeepSpeed: the loop accumulates k micro-batches itself and drives the
+engine directly (`backward`, `deepspeed_step`): each micro-batch's backward is told whether it ends
+the accumulation, the loss is not divided by k again (it is already the step's token mean,
+docs/ARCHITECTURE.md, "Loss"), and the engine's `step()` (clipping, update, zero grad) runs once per
+optimizer step, after the guard has checked the all-ranks loss. The learning-rate schedule stays
+tunesmith's (created on the prepared optimizer), so a DeepSpeed "scheduler" block is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
@@ -41,6 +39,7 @@ import torch
 
 from tunesmith.errors import UserError
 from tunesmith.run_folder import STATE
+from tunesmith.train.attention import HOST_BOUNDS
 from tunesmith.train.checkpoint import rng_state, set_rng_state
 
 INSTALL_HINT = "install it with: pip install 'tunesmith[deepspeed]' (on a machine with CUDA)"
@@ -109,7 +108,8 @@ def relaunch_command(args: list[str], env: Mapping[str, str], gpu_count: int,
     if nnodes > 1 and not master_addr:
         raise UserError(f"NNODES={nnodes}: set MASTER_ADDR to the address of the node with NODE_RANK=0 "
                         "(the same value on every node).",
-                        hint="e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 tunesmith train cfg.yaml")
+                        hint="e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 "
+                             "tunesmith train cfg.yaml")
     # Several nodes must agree on the port, so they get torchrun's fixed default; one node takes a free one.
     default_port = 29500 if nnodes > 1 else free_port()
     master_port = _env_int(env, "MASTER_PORT", default_port)
@@ -118,15 +118,36 @@ def relaunch_command(args: list[str], env: Mapping[str, str], gpu_count: int,
             "--master_port", str(master_port), "-m", "tunesmith", *args]
 
 
+def shutdown_option(seconds: int) -> list[str]:
+    """torchrun's wait between passing a stop signal to the workers and killing them (30 s by
+    default): a worker that received Ctrl-C finishes its step and writes a checkpoint first, which
+    for a large model takes minutes. Empty where this torch's torchrun has no such option."""
+    from torch.distributed.run import get_args_parser
+
+    known = {a.dest for a in get_args_parser()._actions}
+    return ["--shutdown-timeout", str(seconds)] if "shutdown_timeout" in known else []
+
+
 def maybe_relaunch(args: list[str], cfg: Any = None) -> int | None:
-    """Run `tunesmith <args>` under torchrun when that is wanted; its exit code, or None to go on here."""
+    """Become torchrun running `tunesmith <args>` when that is wanted (this process is replaced and
+    never returns); None to go on here.
+
+    The process is replaced rather than waited for: a parent that waits on torchrun loses it on
+    Ctrl-C (Python's subprocess kills its child 0.25 s after an interrupt), while the workers, in a
+    session of their own, would go on without anyone to stop them. As torchrun itself, this process
+    gets the signal and passes it to the workers, which checkpoint before they exit."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     sharded = cfg is not None and bool(cfg.train.deepspeed or cfg.train.fsdp_config)
     command = relaunch_command(args, os.environ, gpus, needs_launcher=sharded and gpus >= 1)
     if command is None:
         return None
+    timeout = int(cfg.train.ddp_timeout) if cfg is not None else 1800  # a save is bounded by it anyway
+    at = command.index("-m", 3)  # torchrun's options end where the module to run begins
+    command = command[:at] + shutdown_option(timeout) + command[at:]
     print("Launching distributed training: " + " ".join(command[1:]), file=sys.stderr, flush=True)
-    return subprocess.run(command, env=dict(os.environ)).returncode
+    sys.stdout.flush()
+    os.execvpe(command[0], command, dict(os.environ))
+    return None  # not reached: execvpe replaces this process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +316,26 @@ def fsdp_plugin_kwargs(path: str | Path) -> dict[str, Any]:
     kwargs.setdefault("state_dict_type", "FULL_STATE_DICT")
     if str(kwargs["state_dict_type"]).upper() != "FULL_STATE_DICT":
         raise UserError(f"{p}: fsdp_state_dict_type is {kwargs['state_dict_type']!r}; tunesmith writes "
-                        "standard model folders and needs FULL_STATE_DICT.", hint="set fsdp_state_dict_type: FULL_STATE_DICT")
+                        "standard model folders and needs FULL_STATE_DICT.",
+                        hint="set fsdp_state_dict_type: FULL_STATE_DICT")
     if isinstance(kwargs.get("auto_wrap_policy"), str):
         kwargs["auto_wrap_policy"] = kwargs["auto_wrap_policy"].lower()
     if isinstance(kwargs.get("transformer_cls_names_to_wrap"), str):
         kwargs["transformer_cls_names_to_wrap"] = [
             s.strip() for s in kwargs["transformer_cls_names_to_wrap"].split(",") if s.strip()]
     return kwargs
+
+
+def fsdp_precision_policy(version: int, mixed: str) -> dict[str, torch.dtype] | None:
+    """FSDP's mixed precision: parameters gathered in the 16-bit type for the products, but
+    gradients reduced and the output (the summed token loss) returned in fp32. accelerate's
+    default casts all three to the 16-bit type, which rounds the loss and sums every rank's
+    gradients in bf16. None for fp32 runs."""
+    if mixed == "no":
+        return None
+    half = torch.float16 if mixed == "fp16" else torch.bfloat16
+    last = {"buffer_dtype": torch.float32} if int(version) == 1 else {"output_dtype": torch.float32}
+    return {"param_dtype": half, "reduce_dtype": torch.float32, **last}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +364,8 @@ def accelerator_kwargs(cfg: Any, device: torch.device, mixed: str) -> dict[str, 
         raise UserError(f"{where}: 'deepspeed' and 'fsdp_config' are both set; choose one.")
     if t.deepspeed:
         require_deepspeed(f"{where}: 'deepspeed'")
-        if device.type != "cuda":
+        # DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo) runs the same engine: the tests use it.
+        if device.type != "cuda" and os.environ.get("DS_ACCELERATOR") != "cpu":
             raise UserError(f"{where}: 'deepspeed' needs CUDA GPUs; this machine trains on the CPU.",
                             hint="remove 'deepspeed' to train with plain data parallelism.")
         from accelerate.utils import DeepSpeedPlugin
@@ -338,6 +373,10 @@ def accelerator_kwargs(cfg: Any, device: torch.device, mixed: str) -> dict[str, 
         plugin_kwargs = deepspeed_plugin_kwargs(cfg, launched_world_size())
         # Weights load on each rank and are partitioned when the engine starts (see README).
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(**plugin_kwargs, zero3_init_flag=False)
+        if device.type == "cpu":  # accelerate drops DeepSpeed when told cpu=True, and has no CPU backend for it
+            kwargs["cpu"] = False
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo",
+                                                                timeout=timedelta(seconds=t.ddp_timeout))]
         kwargs["gradient_accumulation_steps"] = plugin_kwargs["gradient_accumulation_steps"]
     elif fsdp_path:
         if device.type != "cuda":
@@ -345,7 +384,13 @@ def accelerator_kwargs(cfg: Any, device: torch.device, mixed: str) -> dict[str, 
                             hint="remove 'fsdp_config' to train with plain data parallelism.")
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**fsdp_plugin_kwargs(fsdp_path))
+        plugin_kwargs = fsdp_plugin_kwargs(fsdp_path)
+        if int(plugin_kwargs["fsdp_version"]) == 2:
+            # Checkpoints keep each rank's shard of the weights and optimizer state (accelerate's
+            # save_state); the final weights are still gathered whole (get_state_dict, FSDP2 full).
+            plugin_kwargs["state_dict_type"] = "SHARDED_STATE_DICT"
+        plugin_kwargs.setdefault("mixed_precision_policy", fsdp_precision_policy(plugin_kwargs["fsdp_version"], mixed))
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**plugin_kwargs)
     return kwargs
 
 
@@ -390,26 +435,21 @@ def zero_stage(accelerator: Any) -> int | None:
     return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
 
 
-def cache_reader_view(cfg: Any, accelerator: Any) -> Any:
-    """The config the tokenizer step sees on this rank: the main process tokenizes (and writes the
-    cache) first; the others must read that cache, even when overwrite_cache asks to tokenize again."""
-    if accelerator.is_main_process or not cfg.data.overwrite_cache:
-        return cfg
-    view = copy.copy(cfg)
-    view.data = copy.copy(cfg.data)
-    view.data.overwrite_cache = False
-    return view
-
-
 def build_optimizer(accelerator: Any, param_groups: list[dict[str, Any]], cfg: Any) -> Any:
-    """AdamW; under a DeepSpeed config with an 'optimizer' block, the engine builds that one instead."""
+    """The optimizer `optim` names (train/optimizers.py); under a DeepSpeed config with an
+    'optimizer' block, the engine builds that one instead, so `optim` must not ask for another."""
+    from tunesmith.train.optimizers import make_optimizer
+
     t = cfg.train
     if is_deepspeed(accelerator) and "optimizer" in accelerator.state.deepspeed_plugin.deepspeed_config:
         from accelerate.utils import DummyOptim
 
+        if "optim" in cfg.given and t.optim != "adamw_torch":
+            raise UserError(f"{cfg.source or 'config'}: 'optim: {t.optim}' and the DeepSpeed config's 'optimizer' "
+                            "block both choose the optimizer.",
+                            hint="remove one of them (the DeepSpeed block runs DeepSpeed's own optimizer).")
         return DummyOptim(param_groups, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_epsilon)
+    return make_optimizer(t.optim, param_groups, t, accelerator.device)
 
 
 def _inner_model(module: torch.nn.Module) -> Any:
@@ -448,34 +488,74 @@ def prepare(accelerator: Any, module: torch.nn.Module, optimizer: Any) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def loss_scale(accelerator: Any) -> float:
-    """DeepSpeed divides each micro-batch loss by its gradient_accumulation_steps; undo that."""
-    if accelerator is not None and is_deepspeed(accelerator):
-        return float(accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"])
-    return 1.0
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the training device, plus a host copy of varlen sample boundaries: the per-sample
+    sdpa kernel slices by them in every layer, and reading them from the GPU would sync each time."""
+    moved = {k: v.to(device) for k, v in batch.items()}
+    if "cu_seq_lens_q" in batch:
+        moved[HOST_BOUNDS] = batch["cu_seq_lens_q"].cpu()  # already on the host: no copy, no sync
+    return moved
 
 
 @contextlib.contextmanager
 def micro_step(accelerator: Any, module: Any, last: bool) -> Iterator[None]:
-    """Gradients are reduced (and, under DeepSpeed, the engine steps) only at the last micro-batch."""
-    if is_deepspeed(accelerator):
-        accelerator.sync_gradients = last  # accelerate's backward calls engine.step() when True
-        try:
-            yield
-        finally:
-            accelerator.sync_gradients = True
-        return
-    if accelerator.num_processes > 1 and not last:
+    """The forward and backward of one micro-batch. Gradients are reduced across ranks only at the
+    last one: DDP decides at the forward, FSDP at the backward, so both run in here."""
+    if accelerator.num_processes > 1 and not last and not is_deepspeed(accelerator):
         with accelerator.no_sync(module):
             yield
         return
     yield
 
 
-def lockstep_count(accelerator: Any, count: int) -> int:
+def backward(accelerator: Any, module: Any, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch's loss. Under DeepSpeed the engine is called directly: told
+    whether this micro-batch ends the accumulation (it then reduces the gradients), never asked to
+    divide by its accumulation steps (the loss is already the step's token mean), and not stepped
+    here: the update waits for the guard (deepspeed_step). accelerate's own DeepSpeed backward
+    would step the engine on every micro-batch outside its accumulate() context."""
+    if is_deepspeed(accelerator):
+        module.set_gradient_accumulation_boundary(last)
+        module.backward(loss, scale_wrt_gas=False)
+        return
+    accelerator.backward(loss)
+
+
+def deepspeed_step(engine: Any) -> float | None:
+    """Clip and update through the engine once per optimizer step; returns its gradient norm. When
+    the guard skips a step (a non-finite loss on some rank), the gradients are non-finite as well and
+    the engine's own overflow check (fp16, fp32, and bf16 with its default check_grad_overflow) drops
+    the update."""
+    engine.set_gradient_accumulation_boundary(True)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def skip_scaled_step(scaler: Any, optimizer: Any) -> None:
+    """A skipped step under fp16 loss scaling still ends the scaler's step: unscale_ (if clipping did
+    not already) and update(), which lowers the scale after an overflow. Without it the scaler stays
+    in the unscaled state, and the next step's unscale_ raises. `scaler`: accelerator.scaler."""
+    if scaler is None or not scaler.is_enabled():
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    if not scaler_unscaled(scaler, inner):
+        scaler.unscale_(inner)
+    scaler.update()
+
+
+def scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether unscale_ already ran on this optimizer since the scaler's last update()."""
+    from torch.amp.grad_scaler import OptState
+
+    return scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED
+
+
+def lockstep_count(accelerator: Any, count: int, *, always: bool = False) -> int:
     """Under ZeRO-3/FSDP every forward is a collective, so every rank must run as many micro-batches
-    as the busiest one (the extra ones count with weight 0). 0 = no padding needed."""
-    if accelerator.num_processes == 1 or not is_sharded(accelerator):
+    as the busiest one (the extra ones count with weight 0); `always`: in every multi-process run
+    (eval forwards of DDP broadcast buffers). 0 = no padding needed."""
+    if accelerator.num_processes == 1 or not (always or is_sharded(accelerator)):
         return 0
     most = accelerator.reduce(torch.tensor([count], device=accelerator.device), reduction="max")
     return int(most.item())
@@ -486,15 +566,39 @@ def lockstep_count(accelerator: Any, count: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_state_dict(accelerator: Any, module: Any) -> dict[str, torch.Tensor] | None:
-    """The full state dict of the trained model (keys as the unwrapped model names them), gathered
-    from the shards; every rank must call it. None when plain save_pretrained already sees the real
-    weights (one process or DDP)."""
-    if not is_sharded(accelerator):
+def gather_state_dict(accelerator: Any, module: Any, *, trainable_only: bool = False
+                      ) -> dict[str, torch.Tensor] | None:
+    """The weights to save (keys as the unwrapped model names them), gathered from the shards of
+    ZeRO-3/FSDP; every rank must call it, and the main process gets them. `trainable_only` (LoRA):
+    only the trained parameters are gathered, not the frozen base at every checkpoint. None when
+    plain save_pretrained already sees the real weights (one process, DDP, ZeRO-0/1/2, where every
+    rank holds whole parameters): nothing is copied then."""
+    if not is_sharded(accelerator) or (is_deepspeed(accelerator) and zero_stage(accelerator) < 3):
         return None
-    state = accelerator.get_state_dict(module)
     prefix = "model."  # the loss wrapper holds the model as .model
+    if trainable_only and not (is_fsdp(accelerator) and accelerator.state.fsdp_plugin.fsdp_version == 1):
+        state = _gather_trainable(accelerator, module)
+    else:
+        state = accelerator.get_state_dict(module)
     return {k.removeprefix(prefix): v for k, v in (state or {}).items()}
+
+
+def _gather_trainable(accelerator: Any, module: Any) -> dict[str, torch.Tensor]:
+    """The trainable parameters, whole, on the main process (empty elsewhere): ZeRO-3 gathers them
+    as a group; FSDP2 assembles each sharded tensor (a collective per parameter, on every rank)."""
+    named = [(n, p) for n, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
+    main = accelerator.is_main_process
+    if is_deepspeed(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named} if main else {}
+    state = {}
+    for name, param in named:
+        whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+        if main:
+            state[name] = whole.detach().cpu().clone()
+    return state
 
 
 def gather_rng_states(accelerator: Any) -> list[Any] | None:

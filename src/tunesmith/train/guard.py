@@ -210,11 +210,12 @@ def checkpoint_bytes(model: torch.nn.Module, cfg: RunConfig, tokenizer_size: int
         if id(p) in seen:  # tied weights are stored once
             continue
         seen.add(id(p))
-        size = p.numel() * p.element_size()
+        count = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty tensor on each rank
+        size = count * p.element_size()
         every += size
         if p.requires_grad:
             trainable += size
-            trainable_params += p.numel()
+            trainable_params += count
     weights = trainable if cfg.finetune.finetuning_type == "lora" else every
     optimizer = 0 if cfg.train.save_only_model else trainable_params * ADAM_BYTES_PER_PARAM
     return weights + optimizer + tokenizer_size + 64 * 1024

@@ -14,7 +14,8 @@ from tunesmith.data.encode import IGNORE_INDEX
 class RunLog:
     """One object that every logging destination hangs off; only the main process creates one."""
 
-    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool) -> None:
+    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool,
+                 trackers: list[Any] | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.path = output_dir / "trainer_log.jsonl"
@@ -28,7 +29,10 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a resumed run is about to write again
-            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"),
+                                        purge_step=start_step + 1 if start_step else None)
+        self.output_dir = output_dir
+        self.trackers = trackers or []  # MLflow / W&B runs (train/trackers.py)
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
@@ -50,6 +54,8 @@ class RunLog:
                 if isinstance(entry.get(key), int | float):
                     self.writer.add_scalar(tag, entry[key], step)
             self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(entry)
         if "eval_loss" in entry:
             self.bar.write(f"step {entry['step']}: eval loss {entry['eval_loss']:.4f}")
 
@@ -57,6 +63,12 @@ class RunLog:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+    def finish_trackers(self, results: dict[str, Any] | None, status: str = "FINISHED") -> None:
+        """Final results and the run folder's plot go to the trackers, whose runs then end."""
+        for tracker in self.trackers:
+            tracker.finish(results, self.output_dir, status)
+        self.trackers = []
 
 
 class StepMeter:
@@ -80,7 +92,8 @@ class StepMeter:
         tokens = int(weight) * sum(int(b["num_tokens"]) for b in batches)
         self.tokens += tokens
         self.slots += int(weight) * sum(b["input_ids"].numel() for b in batches)
-        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]), int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        self.flop += weight * sum(self.flops.step_flops(int(b["num_tokens"]),
+                                                        int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
                                                         int(b["attention_pairs"])) for b in batches)
         self.loss += loss if applied else 0.0  # a skipped step (nan_policy: skip) has no loss to average
         self.steps += int(applied)

@@ -36,7 +36,7 @@ from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.data.store import sample_lengths
 from tunesmith.data.streaming import SampleStream
 from tunesmith.errors import UserError
-from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training
+from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training, final_save_kwargs
 from tunesmith.model.load import load_adapters, load_model, load_tokenizer
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
@@ -45,6 +45,7 @@ from tunesmith.train.kernels import cpu_row_multiple
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 from tunesmith.train.model_changes import training_changes
+from tunesmith.train.trackers import open_trackers
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _to_samples(encoded: Sequence[Any]) -> Sequence[Sample]:
     (data held in memory, e.g. by tests, is wrapped as is)."""
     if hasattr(encoded, "as_samples"):
         return encoded.as_samples()
-    return [Sample(e.input_ids, e.labels, i) for i, e in enumerate(encoded)]
+    return [Sample(e.input_ids, e.labels, i, e.weights) for i, e in enumerate(encoded)]
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -110,20 +111,22 @@ class MicroBatches(torch.utils.data.Dataset):
         return collate([[self.samples[j] for j in row] for row in self.plan[i]], self.pad_id, self.layout)
 
 
-def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad_id: int, accelerator: Any) -> float:
+def evaluate(module: torch.nn.Module, samples: Sequence[Sample], cfg: RunConfig, pad_id: int,
+             accelerator: Any) -> float:
     """Token-weighted loss over the whole eval set (all ranks)."""
-    plan = plan_micro_batches([len(s.input_ids) for s in samples], batch_size=cfg.train.per_device_eval_batch_size,
+    plan = plan_micro_batches(sample_lengths(samples), batch_size=cfg.train.per_device_eval_batch_size,
                               seed=0, epoch=0, shuffle=False, packing=False, max_len=cfg.data.cutoff_len)
     mine = plan[accelerator.process_index :: accelerator.num_processes]
-    # ZeRO-3/FSDP: every rank runs as many forwards as the busiest; the extra ones are not counted.
-    fillers = max(0, distributed.lockstep_count(accelerator, len(mine)) - len(mine))
+    # Every rank runs as many forwards as the busiest (the extra ones are not counted): ZeRO-3/FSDP
+    # gather weights in each forward, and DDP broadcasts its buffers there, both collectives.
+    fillers = max(0, distributed.lockstep_count(accelerator, len(mine), always=True) - len(mine))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     was_training = module.training
     module.eval()
     with torch.no_grad(), accelerator.autocast():
         for i, rows in enumerate(mine + [plan[0]] * fillers):
-            batch = collate_padded([samples[j] for row in rows for j in row], pad_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = distributed.to_device(collate_padded([samples[j] for row in rows for j in row], pad_id),
+                                          accelerator.device)
             loss_sum, count = module(batch)
             if i < len(mine):
                 total += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=accelerator.device)
@@ -133,13 +136,13 @@ def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad
 
 
 def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any,
-                 gathered: dict[str, torch.Tensor] | None = None) -> None:
+                 gathered: dict[str, torch.Tensor] | None = None, **save_kwargs: Any) -> None:
     """The trained result in standard form: a peft adapter folder, or a HF model folder. `gathered`:
-    the full weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict)."""
-    unwrapped = accelerator.unwrap_model(model)
-    state = gathered if gathered is not None else \
-        accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
-    unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    the weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict);
+    otherwise the model's own parameters are whole and are saved as they are. `save_kwargs` go to
+    save_pretrained (a PiSSA run's final save converts its adapter: finetune.final_save_kwargs)."""
+    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=gathered, safe_serialization=True,
+                                                    **save_kwargs)
     tokenizer.save_pretrained(folder)
 
 
@@ -148,24 +151,25 @@ def accumulate(module: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     """Forward and backward of one optimizer step's micro-batches on this rank; returns the summed
     token loss. Each micro-batch's loss is divided by the step's global supervised-token count, so
     the gradients add up to those of one big batch. Up to `pad_to` micro-batches run
-    (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step."""
+    (the last one repeated with weight 0) where ZeRO-3/FSDP need every rank in step. Nothing here
+    updates the weights: the step is taken by optimizer_step once the guard has seen it."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    # DeepSpeed divides by its accumulation steps; multiplied back here (train/distributed.py).
-    scale = distributed.loss_scale(accelerator)
     items = [(b, weight) for b in batches] + [(batches[-1], 0.0)] * max(0, pad_to - len(batches))
     total = 0.0
     for i, (batch, w) in enumerate(items):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        last = i == len(items) - 1  # gradients are reduced (and DeepSpeed steps) after the last only
-        with distributed.micro_step(accelerator, module, last) if accelerator is not None else contextlib.nullcontext(), \
-                accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-            loss_sum, _ = module(batch)
+        batch = distributed.to_device(batch, device)
+        last = i == len(items) - 1  # gradients are reduced after the last micro-batch only
+        # The backward runs inside the micro-step: DDP and FSDP decide there whether to reduce, and
+        # DeepSpeed is told whether this micro-batch ends the accumulation. Autocast covers the forward only.
+        with distributed.micro_step(accelerator, module, last) if accelerator is not None else contextlib.nullcontext():
+            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+                loss_sum, _ = module(batch)
             # DDP averages gradients over ranks, hence x world to get the global token mean.
-            loss = loss_sum * (w * world * scale / max(global_count, 1))
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
+            loss = loss_sum * (w * world / max(global_count, 1))
+            if accelerator is not None:
+                distributed.backward(accelerator, module, loss, last)
+            else:
+                loss.backward()
         total += float(loss_sum.detach()) * w
     return total
 
@@ -229,7 +233,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     setup = open_run(cfg, time.time())
     sharded = distributed.is_sharded(setup.accelerator)
     with training_changes(setup.model, packing=setup.packing, contaminate=cfg.data.packing_contamination,
-                          mixed_precision=setup.mixed != "no", sharded=sharded) as layout:
+                          mixed_precision=setup.mixed != "no", sharded=sharded,
+                          neftune_alpha=cfg.train.neftune_noise_alpha) as layout:
         trainer = prepare(setup, layout)
         results = train(trainer)
     return finish(trainer, results)
@@ -384,7 +389,8 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
         cfg.dump_yaml(setup.out / "config.yaml")
         _announce(setup, plan, layout)
         log = RunLog(setup.out, total_steps=plan.total_steps, start_step=start_step,
-                     tensorboard=bool(set(t.report_to) & {"tensorboard", "all"}))
+                     tensorboard=bool(set(t.report_to) & {"tensorboard", "all"}),
+                     trackers=open_trackers(t.report_to, cfg.to_flat(), setup.out))
     keep_grads = _allocate_grads(module, accelerator)
     return Trainer(setup, layout, module, optimizer, scheduler, plan, start_step, step_guard, log,
                    StepMeter(accelerator.num_processes, flops), keep_grads)
@@ -472,16 +478,11 @@ def train(trainer: Trainer) -> dict[str, Any]:
     lengths = None if isinstance(setup.train_samples, SampleStream) else sample_lengths(setup.train_samples)
     first_step_seconds = None
     eval_loss = None
-    last_batch = None
     step_started = time.time()
     batches_by_step = step_batches(setup.train_samples, lengths, plan, cfg, trainer.start_step, accelerator,
                                    trainer.layout, setup.pad_id)
-    for step, batches in trainer.step_guard.steps(batches_by_step):
-        weight = 1.0
-        if not batches:  # a rank with no micro-batch in a short last step still joins the collectives
-            batches, weight = [last_batch], 0.0
+    for step, batches, weight in trainer.step_guard.steps(batches_by_step):
         loss, grad_norm, applied, supervised = optimizer_step(trainer, step, batches, weight)
-        last_batch = batches[-1]
         if first_step_seconds is None:
             first_step_seconds = time.time() - setup.started
             if setup.main:
@@ -514,12 +515,21 @@ def optimizer_step(trainer: Trainer, step: int, batches: list[dict[str, torch.Te
     world = accelerator.num_processes
     step_loss = accumulate(module, batches, global_count=global_count, world=world, weight=weight,
                            accelerator=accelerator, pad_to=distributed.lockstep_count(accelerator, len(batches)))
-    grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
     total_loss = float(accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
                                           reduction="sum")) / max(global_count, 1)
-    applied = trainer.step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
-    if applied:
-        trainer.optimizer.step()
+    if distributed.is_deepspeed(accelerator):
+        # The engine clips and updates in one call, so its gradient norm is known only after the
+        # update; the (all-ranks) loss is checked before it, and the engine skips non-finite gradients.
+        applied = trainer.step_guard.check_step(step + 1, total_loss, None, batches)
+        grad_norm = distributed.deepspeed_step(module)
+    else:
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 \
+            else None
+        applied = trainer.step_guard.check_step(step + 1, total_loss, grad_norm, batches)  # never update on nan/inf
+        if applied:
+            trainer.optimizer.step()
+        else:
+            distributed.skip_scaled_step(accelerator.scaler, trainer.optimizer)
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=not trainer.keep_grads)
     return total_loss, grad_norm, applied, global_count
@@ -560,6 +570,7 @@ def _after_step(trainer: Trainer, done: int, eval_loss: float | None) -> float |
             _save_checkpoint(trainer, done)
         if setup.main:
             trainer.log.close()
+            trainer.log.finish_trackers(None, status="KILLED")
         raise guard.interrupted(stop, done, last, setup.out / f"checkpoint-{done}", setup.cfg)
     return eval_loss
 
@@ -570,24 +581,30 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     """The final outputs, written atomically next to the run files, and the run's figures."""
     setup, accelerator = trainer.setup, trainer.setup.accelerator
     accelerator.wait_for_everyone()
-    gathered = distributed.gather_state_dict(accelerator, trainer.module)  # every rank joins under ZeRO-3/FSDP
+    # every rank joins under ZeRO-3/FSDP
+    gathered = distributed.gather_state_dict(accelerator, trainer.module,
+                                             trainable_only=setup.cfg.finetune.finetuning_type == "lora")
     model = accelerator.unwrap_model(trainer.module).model
     if setup.main:
         trainer.log.close()
-        run_folder.write_final_outputs(
-            setup.out, lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered))
+        with final_save_kwargs(model) as extra:  # a PiSSA adapter is saved for the original base
+            run_folder.write_final_outputs(
+                setup.out,
+                lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered, **extra))
         (setup.out / "train_results.json").write_text(json.dumps(results, indent=2))
         if setup.cfg.train.plot_loss:
             plot_loss(setup.out)
+        trainer.log.finish_trackers(results)
         kind = "adapter" if setup.cfg.finetune.finetuning_type == "lora" else "model"
         print(f"Saved the trained {kind} to {setup.out}", file=sys.stderr)
     accelerator.wait_for_everyone()
     return TrainResult(results, model)
 
 
-def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int] | None, plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, layout: str, pad_id: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
-    """(step, this rank's collated micro-batches) from start_step on; a resumed run gets the same
+def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int] | None, plan: StepPlan,
+                 cfg: RunConfig, start_step: int, accelerator: Any, layout: str, pad_id: int
+                 ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]], float]]:
+    """(step, this rank's collated micro-batches, their weight) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
     t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
     on_cpu = accelerator.device.type == "cpu"
@@ -615,8 +632,14 @@ def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int
                                    shuffle=cfg.data.shuffle, packing=layout in ("masked", "concat"),
                                    max_len=cfg.data.cutoff_len)
         steps = range(within, min(plan.steps_per_epoch, within + plan.total_steps - step))
-        per_step = [micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step][rank::world] for s in steps]
-        dataset = MicroBatches(samples, [mb for mine in per_step for mb in mine], layout, pad_id)
+        # A rank with no micro-batch in a step (a short last step) still joins its collectives: it
+        # runs the step's first micro-batch with weight 0.
+        chosen: list[tuple[list[list[list[int]]], float]] = []
+        for s in steps:
+            everyone = micro[s * plan.micro_per_step : (s + 1) * plan.micro_per_step]
+            mine = everyone[rank::world]
+            chosen.append((mine, 1.0) if mine else (everyone[:1], 0.0))
+        dataset = MicroBatches(samples, [mb for mine, _ in chosen for mb in mine], layout, pad_id)
         workers = cfg.data.dataloader_num_workers
         # Its own generator: the workers' seed must not come from (and shift) the RNG that dropout
         # uses, or a run with workers, and a resumed one, would train differently.
@@ -624,13 +647,14 @@ def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int
                                                  worker_init_fn=guard.ignore_stop_signals,
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
-        for mine in per_step:
-            yield step, [piece for _ in mine for piece in pieces_of(next(items))]
+        for mine, weight in chosen:
+            yield step, [piece for _ in mine for piece in pieces_of(next(items))], weight
             step += 1
 
 
 def _stream_step_batches(stream: SampleStream, plan: StepPlan, cfg: RunConfig, start_step: int, accelerator: Any,
-                         layout: str, pad_id: int, pieces_of: Any) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+                         layout: str, pad_id: int, pieces_of: Any
+                         ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]], float]]:
     """A streaming run's steps: each takes the next micro_per_step x batch_size samples of the
     stream (every rank reads the same stream and collates its own micro-batches of them). A resumed
     run starts at the stream position the interrupted one had reached."""
@@ -648,8 +672,12 @@ def _stream_step_batches(stream: SampleStream, plan: StepPlan, cfg: RunConfig, s
                                                                      cfg.data.cutoff_len)] if packed \
                 else [[j] for j in local]
             micro.append(rows)
-        dataset = MicroBatches(taken, micro[rank::world], layout, pad_id)
-        yield step, [piece for i in range(len(dataset)) for piece in pieces_of(dataset[i])]
+        # A rank with no micro-batch in this step still joins its collectives: it runs the step's
+        # first micro-batch with weight 0 (as step_batches does).
+        mine = micro[rank::world]
+        weight = 1.0 if mine else 0.0
+        dataset = MicroBatches(taken, mine or micro[:1], layout, pad_id)
+        yield step, [piece for i in range(len(dataset)) for piece in pieces_of(dataset[i])], weight
 
 
 def _save_checkpoint(trainer: Trainer, step: int) -> None:
@@ -657,7 +685,8 @@ def _save_checkpoint(trainer: Trainer, step: int) -> None:
     accelerator, out, step_guard = setup.accelerator, setup.out, trainer.step_guard
     accelerator.wait_for_everyone()
     # Collectives first (every rank): gathered weights, each rank's RNG, ZeRO/FSDP optimizer shards.
-    gathered = distributed.gather_state_dict(accelerator, trainer.module)
+    gathered = distributed.gather_state_dict(accelerator, trainer.module,
+                                             trainable_only=setup.cfg.finetune.finetuning_type == "lora")
     rank_rngs = distributed.gather_rng_states(accelerator)
     sharded = None if cfg.train.save_only_model else \
         distributed.save_sharded_state(accelerator, out, step, trainer.scheduler)

@@ -118,7 +118,9 @@ def _plain_head(model: nn.Module, head: nn.Module) -> bool:
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over supervised tokens, their count) for one micro-batch.
 
-    Labels are aligned with input_ids; position t predicts labels[t + 1] (the HF shift).
+    Labels are aligned with input_ids; position t predicts labels[t + 1] (the HF shift). A batch
+    with `loss_weights` (messages that set loss_weight) sums each token's loss times its weight,
+    still divided by the token count; one without takes the fused path unchanged.
     """
     backbone, head = _split(model)
     hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).last_hidden_state
@@ -130,6 +132,8 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | No
         return hidden.sum() * 0.0, 0
     h = hidden[:, :-1][keep]
     y = targets[keep]
+    if "loss_weights" in batch:
+        return _weighted_loss(head, h, y, batch["loss_weights"][:, 1:][keep], chunk), count
     if _plain_head(model, head):
         return linear_cross_entropy(h, head.weight, y, chunk), count
     chunk = chunk or chunk_tokens(head.weight.shape[0])
@@ -139,6 +143,19 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int | No
             lambda hh, yy: F.cross_entropy(head(hh).float(), yy, reduction="sum"),
             h[start : start + chunk], y[start : start + chunk], use_reentrant=False)
     return total, count
+
+
+def _weighted_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                   chunk: int | None) -> torch.Tensor:
+    """sum_i weight_i * CE_i, chunked through the head with recomputation in backward."""
+    chunk = chunk or chunk_tokens(head.weight.shape[0])
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        total = total + torch.utils.checkpoint.checkpoint(
+            lambda hh, yy, ww: (F.cross_entropy(head(hh).float(), yy, reduction="none") * ww).sum(),
+            h[start : start + chunk], y[start : start + chunk], weights[start : start + chunk].float(),
+            use_reentrant=False)
+    return total
 
 
 class SFTModule(nn.Module):
@@ -156,6 +173,8 @@ def reference_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """The plain way (full logits + cross-entropy), kept as the oracle for tests."""
     logits = model(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).logits.float()
     targets = batch["labels"][:, 1:]
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets != IGNORE_INDEX).sum())
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    if "loss_weights" in batch:
+        losses = losses * batch["loss_weights"][:, 1:].reshape(-1)
+    return losses.sum(), int((targets != IGNORE_INDEX).sum())

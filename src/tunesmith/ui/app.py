@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL, load_config
+from tunesmith.data.readers import read_rows
+from tunesmith.data.registry import REGISTRY_FILE, load_registry, resolve_datasets
 from tunesmith.errors import UserError
+from tunesmith.infer import ChatEngine
 from tunesmith.loading import settings_for, source_from_folder
+from tunesmith.run_folder import RUN_MARKERS, list_checkpoints
+from tunesmith.template import template_names
 from tunesmith.ui import form
-from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text, run_dir
+from tunesmith.ui.evaluate_tab import build_evaluate_tab
+from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text
+from tunesmith.ui.workspace import Workspace
 
 # The Train form, by section; every other key goes in the "More keys" box as YAML.
 TRAIN_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -88,14 +95,20 @@ def _cell(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def dataset_choices(dataset_dir: str) -> tuple[list[str], str]:
-    """Names in dataset_dir/dataset_info.json whose files are present, and a note about the rest."""
-    from tunesmith.data.registry import REGISTRY_FILE, load_registry
+def dataset_choices(dataset_dir: str, workspace: Workspace) -> tuple[list[str], str]:
+    """Names in dataset_dir/dataset_info.json whose files are present (inside the workspace), and a note
+    about the rest."""
 
-    registry = load_registry(dataset_dir)
-    present = [name for name, entry in registry.items()
-               if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
-               and (Path(dataset_dir) / entry["file_name"]).exists()]
+    folder = workspace.path(dataset_dir, "dataset_dir")
+    registry = load_registry(folder)
+
+    def present_here(entry: Any) -> bool:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            return False
+        file = (folder / entry["file_name"]).resolve()
+        return file.is_relative_to(workspace.root) and file.exists()
+
+    present = [name for name, entry in registry.items() if present_here(entry)]
     missing = len(registry) - len(present)
     note = f"{len(present)} dataset(s) in `{Path(dataset_dir) / REGISTRY_FILE}`"
     if missing:
@@ -103,15 +116,14 @@ def dataset_choices(dataset_dir: str) -> tuple[list[str], str]:
     return present, note
 
 
-def dataset_preview(dataset_dir: str, names: list[str]) -> tuple[Any, str]:
+def dataset_preview(dataset_dir: str, names: list[str], workspace: Workspace) -> tuple[Any, str]:
     """The first rows of the first chosen dataset, as a table."""
     import pandas as pd
 
-    from tunesmith.data.readers import read_rows
-    from tunesmith.data.registry import resolve_datasets
 
     if not names:
         return pd.DataFrame(), ""
+    workspace.check_datasets(dataset_dir, names[:1])
     spec = resolve_datasets(names[:1], dataset_dir)[0]
     rows = []
     for index, _, row in read_rows(spec):
@@ -129,11 +141,13 @@ def dataset_preview(dataset_dir: str, names: list[str]) -> tuple[Any, str]:
 class WebUI:
     """Server-side state shared by every page: runs, the loaded chat model, a scratch folder."""
 
-    def __init__(self, work_dir: Path | None = None) -> None:
+    def __init__(self, work_dir: Path | None = None, root: str | Path | None = None) -> None:
         import tempfile
 
+        self.workspace = Workspace(root)
         self.runs = RunManager()
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tunesmith-webui-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self._engine: Any = None
         self._engine_key: tuple[str, str, str] | None = None
         self._engine_lock = threading.Lock()
@@ -150,6 +164,24 @@ class WebUI:
             scratch.unlink(missing_ok=True)
         return settings, text
 
+    def start(self, values: list[Any], extra_text: str) -> tuple[dict[str, Any], str, Path]:
+        """Check the whole config (keys, values, every path inside the workspace, the datasets) before
+        anything is written, then launch the run; returns (form settings, YAML, output_dir)."""
+        settings, text = self.form_yaml(values, extra_text)
+        merged = {**settings, **form.extra_settings(extra_text)}
+        self.workspace.check_settings(merged)
+        if merged.get("output_dir") is None:
+            raise UserError("output_dir: give the run folder, inside the workspace root "
+                            f"{self.workspace.root}.")
+        self.workspace.check_datasets(merged.get("dataset_dir") or form.default("dataset_dir"),
+                                      merged.get("dataset"))
+        out = self.workspace.path(merged["output_dir"], "output_dir")
+        if _holds_run(out) and not merged.get("overwrite_output_dir") and not merged.get("resume_from_checkpoint"):
+            raise UserError(f"output_dir {out} already holds a run.",  # refused before its files are touched
+                            hint="continue it with resume_from_checkpoint: true, start afresh with "
+                                 "overwrite_output_dir: true, or choose another output_dir.")
+        return settings, text, self.runs.start(out, text)
+
     def scratch_file(self, prefix: str) -> Path:
         """A new file of our own in the work folder: pages may submit at the same time."""
         import tempfile
@@ -162,14 +194,17 @@ class WebUI:
 
     def chat_source(self, model: str, run_folder: str, template: str) -> tuple[Any, Any]:
         """(config, model source) for the chat and export tabs: the run or adapter folder picked, or
-        the base model alone when none is."""
+        the base model alone when none is. Both must lie inside the workspace."""
+        self.workspace.model(model)
+        folder = (run_folder or "").strip()
+        if folder:
+            folder = str(self.workspace.path(folder, "run or adapter folder"))
         cfg = load_config(None, {"model_name_or_path": (model or DEFAULT_MODEL).strip(),
                                  "template": None if template in ("", "auto", None) else template})
-        return cfg, source_from_folder(cfg.model, (run_folder or "").strip() or None)
+        return cfg, source_from_folder(cfg.model, folder or None)
 
     def load_engine(self, model: str, run_folder: str, template: str) -> Any:
         """One chat model for the server (the memory of one), replaced when another is asked for."""
-        from tunesmith.infer import ChatEngine
 
         key = ((model or DEFAULT_MODEL).strip(), (run_folder or "").strip(), template or "auto")
         with self._engine_lock:
@@ -192,7 +227,12 @@ class WebUI:
         """Run `tunesmith export` and yield (console so far, result) as it goes."""
         import yaml
 
-        cfg, source = self.chat_source(model, run_folder, template)
+        try:
+            self.workspace.path(export_dir or "", "export_dir")
+            cfg, source = self.chat_source(model, run_folder, template)
+        except UserError as exc:
+            yield "", _error_block(exc)
+            return
         settings = {**settings_for(source), "template": cfg.model.template,
                     "export_dir": (export_dir or "").strip() or None,
                     "export_size": export_size, "export_dtype": export_dtype}
@@ -224,11 +264,16 @@ class WebUI:
                         f"{listing}")
 
 
+def _holds_run(folder: Path) -> bool:
+    """True when folder holds what `tunesmith train` refuses to overwrite unasked."""
+
+    return folder.is_dir() and (any((folder / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(folder)))
+
+
 def build_app(ui: WebUI | None = None) -> Any:
     """The Gradio Blocks of the page."""
     import gradio as gr
 
-    from tunesmith.template import template_names
 
     ui = ui or WebUI()
     templates = ["auto", *template_names()]
@@ -338,6 +383,8 @@ def build_app(ui: WebUI | None = None) -> Any:
                 export_result = gr.Markdown(elem_id="export-result", elem_classes="wrap-code")
                 export_log = gr.Textbox(label="console", lines=10, max_lines=10, autoscroll=True,
                                         interactive=False, elem_id="export-log")
+            # ---------------------------------------------------------------- Evaluate
+            build_evaluate_tab(ui, templates)
         timer = gr.Timer(1.0)
 
         form_inputs = [widgets[k] for k in FORM_KEYS]
@@ -345,22 +392,23 @@ def build_app(ui: WebUI | None = None) -> Any:
         # ---- Train: dataset picker and preview
         def refresh_datasets(dataset_dir: str, chosen: list[str]) -> tuple[Any, ...]:
             try:
-                names, note = dataset_choices(dataset_dir)
+                names, note = dataset_choices(dataset_dir, ui.workspace)
             except UserError as exc:
                 return gr.update(choices=[], value=[]), _error_block(exc), gr.update(value=None, visible=False)
             kept = [n for n in (chosen or []) if n in names]
-            table, preview_text = _safe_preview(dataset_dir, kept)
+            table, preview_text = _safe_preview(dataset_dir, kept, ui.workspace)
             return gr.update(choices=names, value=kept), note + ("  \n" + preview_text if preview_text else ""), table
 
         def show_preview(dataset_dir: str, chosen: list[str]) -> tuple[Any, str]:
-            table, text = _safe_preview(dataset_dir, chosen or [])
+            table, text = _safe_preview(dataset_dir, chosen or [], ui.workspace)
             return text, table
 
         widgets["dataset_dir"].submit(refresh_datasets, [widgets["dataset_dir"], widgets["dataset"]],
-                                      [widgets["dataset"], preview_note, preview])
+                                      [widgets["dataset"], preview_note, preview], api_name="datasets")
         widgets["dataset_dir"].blur(refresh_datasets, [widgets["dataset_dir"], widgets["dataset"]],
                                     [widgets["dataset"], preview_note, preview])
-        widgets["dataset"].input(show_preview, [widgets["dataset_dir"], widgets["dataset"]], [preview_note, preview])
+        widgets["dataset"].input(show_preview, [widgets["dataset_dir"], widgets["dataset"]], [preview_note, preview],
+                                 api_name="preview")
 
         # ---- Train: YAML, save, load, start, stop
         def preview_yaml(*values: Any) -> tuple[Any, str]:
@@ -373,26 +421,25 @@ def build_app(ui: WebUI | None = None) -> Any:
         def save_config(path: str, *values: Any) -> tuple[Any, str]:
             try:
                 _, text = ui.form_yaml(list(values[:-1]), values[-1])
-                target = Path(path.strip()).expanduser()
+                target = ui.workspace.path(path, "config file")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text, encoding="utf-8")
             except UserError as exc:
                 return gr.update(), _error_block(exc)
             except OSError as exc:
                 return gr.update(), _error_block(f"error: cannot write {path}: {exc.strerror}")
-            return gr.update(value=text, visible=True), f"Saved to `{target.resolve()}`."
+            return gr.update(value=text, visible=True), f"Saved to `{target}`."
 
         def load_config_file(path: str) -> list[Any]:
             try:
-                return _form_updates(gr, path.strip(), "Loaded")
+                return _form_updates(gr, ui, path.strip(), "Loaded")
             except UserError as exc:
                 return [gr.update() for _ in FORM_KEYS] + [gr.update(), _error_block(exc), gr.update(), gr.update()]
 
         def start_run(*values: Any) -> list[Any]:
             unchanged = [gr.update()] * 9
             try:
-                settings, text = ui.form_yaml(list(values[:-1]), values[-1])
-                out = ui.runs.start(settings["output_dir"], text)
+                settings, text, out = ui.start(list(values[:-1]), values[-1])
             except UserError as exc:
                 return [gr.update(visible=False), _error_block(exc), *unchanged]
             model = settings["model_name_or_path"] or DEFAULT_MODEL
@@ -411,20 +458,26 @@ def build_app(ui: WebUI | None = None) -> Any:
 
         yaml_inputs = [*form_inputs, extra]
         preview_btn.click(preview_yaml, yaml_inputs, [yaml_view, message])
-        save_btn.click(save_config, [config_path, *yaml_inputs], [yaml_view, message])
-        load_btn.click(load_config_file, [config_path], [*form_inputs, extra, message, preview_note, preview])
-        start_btn.click(start_run, yaml_inputs,
+        save_btn.click(save_config, [config_path, *yaml_inputs], [yaml_view, message], api_name="save_config")
+        load_btn.click(load_config_file, [config_path], [*form_inputs, extra, message, preview_note, preview],
+                       api_name="load_config")
+        start_btn.click(start_run, yaml_inputs, api_name="start", outputs=
                         [yaml_view, message, watched, seen, monitor_dir, chat_model, chat_run, chat_template,
                          export_model, export_run, export_template])
         stop_btn.click(stop_run, [watched], [message])
         monitor_stop.click(stop_run, [watched], [monitor_status])
 
         # ---- Monitor: follow a run
-        def watch(path: str) -> tuple[str, dict]:
-            return (str(run_dir(path)) if path and path.strip() else ""), {}
+        def watch(path: str) -> tuple[str, dict, Any]:
+            if not path or not path.strip():
+                return "", {}, gr.update()
+            try:
+                return str(ui.workspace.path(path, "output_dir")), {}, gr.update()
+            except UserError as exc:
+                return "", {}, _error_block(exc)
 
-        watch_btn.click(watch, [monitor_dir], [watched, seen])
-        monitor_dir.submit(watch, [monitor_dir], [watched, seen])
+        watch_btn.click(watch, [monitor_dir], [watched, seen, monitor_status], api_name="watch")
+        monitor_dir.submit(watch, [monitor_dir], [watched, seen, monitor_status])
 
         def tick(path: str, shown: dict) -> list[Any]:
             if not path:
@@ -453,7 +506,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             latest = ui.runs.latest
             if latest is not None and (latest / CONFIG_FILE).is_file():
                 try:
-                    updates = _form_updates(gr, str(latest / CONFIG_FILE), "Following the run started from")
+                    updates = _form_updates(gr, ui, str(latest / CONFIG_FILE), "Following the run started from")
                 except UserError:
                     updates = [gr.update() for _ in FORM_KEYS] + [gr.update(), "", gr.update(), gr.update()]
                 return [*updates, str(latest), str(latest), {}]
@@ -499,7 +552,8 @@ def build_app(ui: WebUI | None = None) -> Any:
             done = [*turns, {"role": "assistant", "content": reply}]
             yield done, "", done, gr.skip()
 
-        chat_load.click(load_chat, [chat_model, chat_run, chat_template], [chat_info, engine_key, chatbot, history])
+        chat_load.click(load_chat, [chat_model, chat_run, chat_template], [chat_info, engine_key, chatbot, history],
+                        api_name="load_chat")
         chat_inputs = [chat_input, history, system, engine_key, *gen_widgets]
         chat_outputs = [chatbot, chat_input, history, chat_info]
         send_btn.click(send, chat_inputs, chat_outputs)
@@ -508,35 +562,35 @@ def build_app(ui: WebUI | None = None) -> Any:
 
         # ---- Export
         export_btn.click(ui.export, [export_model, export_run, export_template, *export_widgets],
-                         [export_log, export_result])
+                         [export_log, export_result], api_name="export")
     return app
 
 
-def _safe_preview(dataset_dir: str, names: list[str]) -> tuple[Any, str]:
+def _safe_preview(dataset_dir: str, names: list[str], workspace: Workspace) -> tuple[Any, str]:
     """(update of the preview table, note above it); a data problem goes in the note, worded as the CLI words it."""
     import gradio as gr
 
     try:
-        table, text = dataset_preview(dataset_dir, names)
+        table, text = dataset_preview(dataset_dir, names, workspace)
     except UserError as exc:
         return gr.update(value=None, visible=False), _error_block(exc)
     return gr.update(value=table, visible=not table.empty), text
 
 
-def _form_updates(gr: Any, path: str, verb: str) -> list[Any]:
+def _form_updates(gr: Any, ui: WebUI, path: str, verb: str) -> list[Any]:
     """Updates that put a YAML config into the Train form: form fields, more keys, message, dataset preview."""
     import yaml
 
-    values, others = form.form_from_yaml(path, FORM_KEYS)
+    values, others = ui.workspace.read_config(path, FORM_KEYS)
     datasets = list(values["dataset"] or [])
     try:
-        names, _ = dataset_choices(values["dataset_dir"])
+        names, _ = dataset_choices(values["dataset_dir"], ui.workspace)
     except UserError:
         names = []
     updates = [gr.update(value=values[k]) for k in FORM_KEYS]
     updates[FORM_KEYS.index("dataset")] = gr.update(choices=sorted(set(names) | set(datasets)), value=datasets)
     extra_text = yaml.safe_dump(others, sort_keys=False) if others else ""
-    table, note = _safe_preview(values["dataset_dir"], datasets)
+    table, note = _safe_preview(values["dataset_dir"], datasets, ui.workspace)
     return [*updates, gr.update(value=extra_text), f"{verb} `{path}`.", note, table]
 
 

@@ -1,7 +1,7 @@
 """Training runs launched from the web UI: `tunesmith train <yaml>` subprocesses, watched through files.
 
-Everything about a run lives in its output_dir (docs/ARCHITECTURE.md, "The run folder"), so a reloaded page, a second browser
-tab or a restarted server finds it again: the YAML it was started with, the captured console
+Everything about a run lives in its output_dir (docs/ARCHITECTURE.md, "The run folder"), so a reloaded page, a
+second browser tab or a restarted server finds it again: the YAML it was started with, the captured console
 output, and a small state file holding the process id and, once known, the exit code.
 """
 
