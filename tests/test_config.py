@@ -103,7 +103,7 @@ def test_bad_choice_lists_allowed_values():
     ("use_galore: true", "'use_galore' (GaLore) is not supported yet"),
     ("stage: dpo", "'stage: dpo' is not supported yet"),
     ("report_to: swanlab", "'report_to' is 'swanlab'; allowed: none, tensorboard, mlflow, wandb, all"),
-    ("streaming: true", "streaming datasets"),
+    ("mix_strategy: interleave_under", "dataset interleaving"),
 ])
 def test_unsupported_llamafactory_features_are_refused(tmp_path, line, fragment):
     with pytest.raises(UserError, match=None) as err:

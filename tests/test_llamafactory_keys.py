@@ -15,7 +15,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "llamafactory_keys.txt"
 README = Path(__file__).resolve().parents[1] / "README.md"
 # A value that turns the feature on, for keys where `true` means "off" (or is 1, num_beams' off value).
 ON_VALUES = {"num_beams": 4, "ignore_pad_token_for_loss": "false", "mix_strategy": "interleave_under",
-             "freeze_trainable_modules": "q_proj", "buffer_size": 128}
+             "freeze_trainable_modules": "q_proj"}
 
 
 def llamafactory_keys() -> list[str]:

@@ -91,6 +91,9 @@ class DataArgs:
     overwrite_cache: bool = opt(False, "Re-tokenize even when a cached result exists.")
     skip_invalid: bool = opt(False, "Skip invalid rows (reported) instead of stopping.")
     shuffle: bool = opt(True, "Shuffle the training samples each epoch (with `seed`).")
+    streaming: bool = opt(False, "Read and tokenize the data while training, with no token store (needs "
+                          "max_steps); the order is shuffled through a buffer of buffer_size rows.")
+    buffer_size: int = opt(16384, "Rows in the shuffle buffer of a streaming run.")
     preflight: str = opt("strict", "Data checks before step 1 (saved as preflight.txt): strict stops on a fatal "
                          "finding, warn only reports it.", ("strict", "warn"))
 
@@ -209,7 +212,7 @@ MATH_KEYS: tuple[str, ...] = (
     "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16", "seed", "nan_policy", "optim", "quantization_bit",
     "quantization_method", "quantization_type", "double_quantization", "use_dora", "use_rslora", "pissa_init",
     "pissa_iter", "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter", "neftune_noise_alpha",
-    "enable_thinking",
+    "enable_thinking", "streaming", "buffer_size",
 )
 
 GROUPS: dict[str, type] = {
@@ -348,8 +351,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "export_quantization_bit": "quantized export",
     "export_hub_model_id": "pushing to a hub",
     "use_kt": "KTransformers",
-    "streaming": "streaming datasets (datasets are read whole and tokenized once)",
-    "buffer_size": "streaming datasets (datasets are read whole and tokenized once)",
     "mix_strategy": "dataset interleaving (datasets are concatenated)",
     "tool_format": "tool-call formats other than the template's own",
     "preserve_thinking": "keeping the reasoning of earlier turns",
@@ -388,7 +389,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "freeze_trainable_modules": ("all",),
     "num_beams": (1,),
     "ignore_pad_token_for_loss": (True,),
-    "buffer_size": (16384,),  # LLaMA-Factory's default, which only matters with streaming
     "ray_num_workers": (1,),
     "placement_strategy": ("PACK",),
     "resources_per_worker": ({"GPU": 1},),
@@ -672,6 +672,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "export_size": (0, None, False, True),
     "temperature": (0, None, True, True), "top_p": (0, 1, False, True), "top_k": (0, None, True, True),
     "max_new_tokens": (1, None, True, True), "repetition_penalty": (0, None, False, True),
+    "buffer_size": (1, None, True, True),
 }
 
 
@@ -704,6 +705,12 @@ def _validate(cfg: RunConfig, origins: dict[str, str] | None = None) -> None:
     if d.val_size >= 1 and not float(d.val_size).is_integer():
         raise UserError(f"{origins.get('val_size', where)}: 'val_size' must be a share in [0, 1) or a row count "
                         f">= 1, got {d.val_size}.")
+    if d.streaming and t.max_steps <= 0:
+        raise UserError(f"{origins.get('streaming', where)}: 'streaming: true' needs 'max_steps' (a stream has no "
+                        "known length).")
+    if d.streaming and d.val_size > 0:
+        raise UserError(f"{origins.get('val_size', where)}: 'val_size' splits stored samples, and 'streaming: true' "
+                        "stores none.", hint="give the eval rows as 'eval_dataset', or turn streaming off.")
     if d.packing_contamination and d.neat_packing:
         raise UserError(f"{where}: 'neat_packing: true' keeps packed samples apart and 'packing_contamination: "
                         "true' lets them attend to each other; choose one.")

@@ -27,7 +27,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from tunesmith.data.encode import IGNORE_INDEX
@@ -44,14 +46,42 @@ class Sample:
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    return epoch_order_array(n, seed, epoch, shuffle).tolist()
+
+
+def epoch_order_array(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's sample order as a numpy array (8 bytes a sample, not a Python int each)."""
     if not shuffle:
-        return list(range(n))
+        return np.arange(n, dtype=np.int64)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).tolist()
+    return torch.randperm(n, generator=gen).numpy()
+
+
+class UnpackedPlan(Sequence[list[list[int]]]):
+    """The padded/varlen plan of an epoch without a Python list per sample: micro-batch k is
+    [[i] for i in order[k*batch_size : (k+1)*batch_size]], made when asked for."""
+
+    def __init__(self, order: np.ndarray, batch_size: int) -> None:
+        self.order, self.batch_size = order, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def _micro(self, k: int) -> list[list[int]]:
+        return [[i] for i in self.order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self._micro(j) for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self._micro(k)
 
 
 def plan_micro_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                       packing: bool, max_len: int, group_by_length: bool = False) -> list[list[list[int]]]:
+                       packing: bool, max_len: int, group_by_length: bool = False) -> Sequence[list[list[int]]]:
     """The micro-batches of one epoch: each a list of rows, each row a list of sample indices.
 
     Every micro-batch holds `batch_size` consecutive samples of the epoch's order (the last may
@@ -60,6 +90,10 @@ def plan_micro_batches(lengths: Sequence[int], *, batch_size: int, seed: int, ep
     a shuffled sequence of micro-batches of similar lengths (less padding; changes which samples
     train together).
     """
+    if not packing and not group_by_length:
+        return UnpackedPlan(epoch_order_array(len(lengths), seed, epoch, shuffle), batch_size)
+    if isinstance(lengths, np.ndarray):
+        lengths = lengths.tolist()
     order = epoch_order(len(lengths), seed, epoch, shuffle)
     if group_by_length:
         order = _length_grouped(order, lengths, batch_size, seed, epoch, shuffle)
@@ -235,7 +269,8 @@ def pad_varlen(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> di
 def collate_packed(rows: Sequence[Sequence[Sample]], pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: samples concatenated, position_ids restarting per sample, and a 4D boolean
     block-diagonal causal mask (True = may attend) so attention never crosses a sample boundary
-    (docs/ARCHITECTURE.md, "Packing isolation"). Kernels that add the mask instead (eager) get it converted in train/loss.py."""
+    (docs/ARCHITECTURE.md, "Packing isolation"). Kernels that add the mask instead (eager) get it
+    converted in train/loss.py."""
     width = max(sum(len(s.input_ids) for s in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

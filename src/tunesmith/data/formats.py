@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -344,13 +344,26 @@ def _short(value: Any, limit: int = 80) -> str:
 # ---------------------------------------------------------------- loading whole datasets
 
 
-def _dataset_records(spec: DatasetSpec) -> Iterator[tuple[Path, int, int | None, int, Any]]:
+def _dataset_records(spec: DatasetSpec, raw_lines: bool = False) -> Iterator[tuple[Path, int, int | None, int, Any]]:
     """(file, row in file, line, row index in dataset, row or DataProblem) over the dataset's files."""
     index = 0
     for path in spec.paths:
-        for file_row, line, row in iter_file_records(path):
+        for file_row, line, row in iter_file_records(path, raw_lines=raw_lines):
             yield path, file_row, line, index, row
             index += 1
+
+
+def dataset_records(spec: DatasetSpec, *, max_samples: int | None, seed: int,
+                    raw_lines: bool = False) -> Iterator[tuple[Path, int, int | None, int, Any]]:
+    """The records a run uses from one dataset, in order: num_samples sampling (which needs the
+    rows in memory), then the first max_samples; a stream otherwise."""
+    records: Any = _dataset_records(spec, raw_lines)
+    if spec.num_samples is not None:
+        records = list(_dataset_records(spec))
+        records = _sampled(records, spec.num_samples, seed) if records else records
+    if max_samples is not None:
+        records = islice(records, max_samples)
+    return iter(records)
 
 
 def _sampled(records: list[Any], count: int, seed: int) -> list[Any]:
@@ -373,12 +386,7 @@ def load_conversations(names: str | None, dataset_dir: str | Path, *, max_sample
     problems: list[DataProblem] = []
     total = 0
     for spec in resolve_datasets(names, dataset_dir):
-        records: Any = _dataset_records(spec)
-        if spec.num_samples is not None:
-            records = list(records)
-            records = _sampled(records, spec.num_samples, seed) if records else records
-        if max_samples is not None:
-            records = islice(records, max_samples)
+        records = dataset_records(spec, max_samples=max_samples, seed=seed)
         rows_seen, columns_seen = 0, set()
         for path, file_row, line, index, row in records:
             rows_seen += 1
@@ -393,7 +401,7 @@ def load_conversations(names: str | None, dataset_dir: str | Path, *, max_sample
         if rows_seen == 0:
             raise UserError(f"dataset '{spec.name}' has no rows ({', '.join(map(str, spec.paths))}).",
                             hint="add rows to the file, or remove the dataset from the list.")
-        _check_named_columns(spec, columns_seen)
+        check_named_columns(spec, columns_seen)
         total += rows_seen
 
     if problems:
@@ -408,7 +416,7 @@ def load_conversations(names: str | None, dataset_dir: str | Path, *, max_sample
     return conversations
 
 
-def _check_named_columns(spec: DatasetSpec, columns_seen: set[str]) -> None:
+def check_named_columns(spec: DatasetSpec, columns_seen: set[str]) -> None:
     """A column the entry names but no row has is a mapping mistake, not an empty cell."""
     if not columns_seen:
         return
@@ -422,9 +430,14 @@ def _check_named_columns(spec: DatasetSpec, columns_seen: set[str]) -> None:
 
 
 def _report(problems: list[DataProblem], total: int) -> str:
-    count = f"{len(problems)} invalid row{'s' if len(problems) != 1 else ''} of {total}"
-    lines = [f"{count}; the first {SHOWN_PROBLEMS}:" if len(problems) > SHOWN_PROBLEMS else f"{count}:"]
-    lines += [f"  - {p}" for p in problems[:SHOWN_PROBLEMS]]
-    if len(problems) > SHOWN_PROBLEMS:
-        lines.append(f"  ... and {len(problems) - SHOWN_PROBLEMS} more.")
+    return problems_report(len(problems), problems[:SHOWN_PROBLEMS], total)
+
+
+def problems_report(count: int, first: Sequence[Any], total: int) -> str:
+    """'N invalid rows of T' and the first few problems (the count may exceed those shown)."""
+    head = f"{count} invalid row{'s' if count != 1 else ''} of {total}"
+    lines = [f"{head}; the first {SHOWN_PROBLEMS}:" if count > SHOWN_PROBLEMS else f"{head}:"]
+    lines += [f"  - {p}" for p in first[:SHOWN_PROBLEMS]]
+    if count > SHOWN_PROBLEMS:
+        lines.append(f"  ... and {count - SHOWN_PROBLEMS} more.")
     return "\n".join(lines)

@@ -1,11 +1,14 @@
-"""Datasets -> tokenized train/eval samples: worker processes, a content-keyed cache, a report,
-and the `data preview` / `data dump` commands that show exactly what training sees.
+"""Datasets -> tokenized train/eval samples: a memory-mapped token store (data/store.py) written
+chunk by chunk by worker processes (data/chunks.py), a content-keyed cache, a report, and the
+`data preview` / `data dump` commands that show exactly what training sees.
 
 The cache key is a hash of everything the result depends on: the data files' bytes and their
 dataset_info.json entries, the tokenizer (its full serialized vocabulary/merges and chat
 template), the template name, cutoff_len, train_on_prompt, mask_history, max_samples,
-val_size, seed, skip_invalid, TOKENIZE_VERSION and the source of the modules that convert, render
-and encode. Changing any of them tokenizes afresh.
+val_size, seed, skip_invalid, default_system, TOKENIZE_VERSION and the source of the modules that convert, render
+and encode. Changing any of them tokenizes afresh. A data file's content hash is kept beside the
+cache with the file's size and modification time, and reused while both are unchanged, so a
+start from the cache does not read the data again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,18 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.config import DataArgs, RunConfig
+from tunesmith.config import RunConfig
+from tunesmith.data import store
 from tunesmith.data.encode import IGNORE_INDEX, Dropped, Encoded, encode
 from tunesmith.errors import UserError
 from tunesmith.files import replace_folder
 from tunesmith.template import Conversation
 
 # Bump when encode()/the stored format changes, so old caches are not reused.
-TOKENIZE_VERSION = "2"
-# Encoding costs about 0.5 ms a row in one process; a forked pool costs about 0.3-0.8 s to start and
-# to ship results back, so below this many rows one process is faster.
-MIN_ROWS_FOR_WORKERS = 2000
-CHUNK_ROWS = 64
+TOKENIZE_VERSION = "3"
 MAX_DROP_EXAMPLES = 5
 
 
@@ -65,6 +64,21 @@ class SplitReport:
                   dropped_examples=[(d.source[0], d.source[1], d.reason) for d in dropped[:MAX_DROP_EXAMPLES]],
                   truncated=sum(s.truncated for s in kept),
                   trained_tokens=sum(s.trained_tokens for s in kept), tokens=int(lengths.sum()))
+        if len(lengths):
+            rep.length_min, rep.length_max = int(lengths.min()), int(lengths.max())
+            rep.length_mean = float(lengths.mean())
+            rep.length_p50 = int(np.percentile(lengths, 50, method="lower"))
+            rep.length_p90 = int(np.percentile(lengths, 90, method="lower"))
+        return rep
+
+    @classmethod
+    def from_records(cls, records: np.ndarray, dropped: Sequence[Sequence[Any]]) -> SplitReport:
+        """From a store's index records and the (dataset, row, reason) of every dropped row."""
+        lengths = records["length"].astype(np.int64)
+        rep = cls(samples=len(records), dropped=dict(Counter(str(d[2]) for d in dropped)),
+                  dropped_examples=[(str(d[0]), int(d[1]), str(d[2])) for d in dropped[:MAX_DROP_EXAMPLES]],
+                  truncated=int(((records["flags"] & store.TRUNCATED) != 0).sum()),
+                  trained_tokens=int(records["trained"].astype(np.int64).sum()), tokens=int(lengths.sum()))
         if len(lengths):
             rep.length_min, rep.length_max = int(lengths.min()), int(lengths.max())
             rep.length_mean = float(lengths.mean())
@@ -105,8 +119,8 @@ class TokenizeReport:
 
 @dataclass
 class TokenizedData:
-    train: list[Encoded]
-    eval: list[Encoded]
+    train: Sequence[Encoded]  # a lazy store.SampleView (a list for data held in memory)
+    eval: Sequence[Encoded]
     report: TokenizeReport
     from_cache: bool = False
     path: Path | None = None  # where the tokenized data is stored (cache folder or tokenized_path)
@@ -115,75 +129,13 @@ class TokenizedData:
 
 # --------------------------------------------------------------------------------- tokenization
 
-_worker_tokenizer: Any = None
-_worker_args: DataArgs | None = None
-
-
-def _limit_threads() -> None:
-    """One thread per worker process: N processes x M threads would oversubscribe the cores."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _worker_init(tokenizer: Any, data_args: DataArgs) -> None:
-    global _worker_tokenizer, _worker_args
-    _limit_threads()
-    _worker_tokenizer, _worker_args = tokenizer, data_args
-
-
-def _worker_encode(chunk: list[Conversation]) -> list[Encoded | Dropped]:
-    return [encode(conv, _worker_tokenizer, _worker_args) for conv in chunk]
-
-
 def default_num_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def encode_all(convs: Sequence[Conversation], tokenizer: Any, data_args: DataArgs, *,
-               num_workers: int | None = None, min_rows_for_workers: int = MIN_ROWS_FOR_WORKERS,
-               desc: str = "Tokenizing") -> tuple[list[Encoded], list[Dropped]]:
-    """Encode every conversation in order; (kept, dropped). Uses worker processes for large inputs."""
-    from tqdm import tqdm
-
-    workers = num_workers if num_workers is not None else default_num_workers()
-    chunks = [list(convs[i : i + CHUNK_ROWS]) for i in range(0, len(convs), CHUNK_ROWS)]
-    results: list[Encoded | Dropped] = []
-    # The bar appears only for work that lasts (delay) and only on a terminal.
-    bar = tqdm(total=len(convs), desc=desc, unit="sample", file=sys.stderr, delay=2.0,
-               disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    try:
-        if workers <= 1 or len(convs) < min_rows_for_workers:
-            for chunk in chunks:
-                results.extend(encode(conv, tokenizer, data_args) for conv in chunk)
-                bar.update(len(chunk))
-        else:
-            import multiprocessing as mp
-
-            # Set before the pool starts so the children inherit it; the Rust tokenizer would
-            # otherwise warn about (and guard against) forking after using its thread pool.
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            # fork: the children inherit the tokenizer instead of importing transformers again
-            # (spawn costs seconds per worker); they only run Python and the Rust tokenizer.
-            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with ctx.Pool(min(workers, len(chunks)), initializer=_worker_init,
-                          initargs=(tokenizer, data_args)) as pool:
-                for part in pool.imap(_worker_encode, chunks):
-                    results.extend(part)
-                    bar.update(len(part))
-    finally:
-        bar.close()
-    kept = [r for r in results if isinstance(r, Encoded)]
-    dropped = [r for r in results if isinstance(r, Dropped)]
-    return kept, dropped
-
-
-def split_eval(samples: list[Encoded], val_size: float, seed: int, where: str) -> tuple[list[Encoded], list[Encoded]]:
-    """Hold out `val_size` (a share in (0, 1) or a count >= 1) of the samples, chosen with `seed`;
-    both parts keep dataset order."""
-    n = len(samples)
+def held_out(n: int, val_size: float, seed: int, where: str) -> np.ndarray:
+    """A boolean mask of the `val_size` samples (a share in (0, 1) or a count >= 1) held out for eval,
+    chosen with `seed`."""
     if val_size < 1:
         n_val = max(1, round(val_size * n))
     else:
@@ -194,10 +146,9 @@ def split_eval(samples: list[Encoded], val_size: float, seed: int, where: str) -
     if n_val >= n:
         raise UserError(f"{where}: 'val_size' {val_size} would hold out {n_val} of the {n} training samples, "
                         "leaving none to train on.", hint="use a smaller val_size.")
-    held = set(random.Random(seed).sample(range(n), n_val))
-    train = [s for i, s in enumerate(samples) if i not in held]
-    evals = [s for i, s in enumerate(samples) if i in held]
-    return train, evals
+    mask = np.zeros(n, dtype=np.bool_)
+    mask[random.Random(seed).sample(range(n), n_val)] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------------- fingerprint
@@ -212,10 +163,39 @@ def data_fingerprint(names: list[str], dataset_dir: str) -> str:
         h.update(json.dumps(entry, sort_keys=True, default=str).encode())
         for path in spec.paths:
             h.update(path.name.encode() + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(file_hash(path).encode())
     return h.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes. Kept in the cache folder with the file's size and modification
+    time (nanoseconds) and reused while both are unchanged: an unchanged multi-GB file is not read
+    again at every start. Any write changes the modification time, so edited data is hashed again."""
+    from tunesmith.files import cache_dir
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_dir() / "file-hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**stamp, "sha256": digest}), encoding="utf-8")
+        tmp.replace(memo)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return digest
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -230,14 +210,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def code_fingerprint() -> str:
-    """Hash of the modules that turn rows into ids (row conversion, rendering, encoding), so a
-    changed rule never reuses results made by the old one."""
+    """Hash of the modules that turn rows into stored samples (row conversion, rendering, encoding,
+    the store's writer), so a changed rule never reuses results made by the old one."""
+    import tunesmith.data.chunks
     import tunesmith.data.encode
     import tunesmith.data.formats
+    import tunesmith.data.preflight
     import tunesmith.template
 
     h = hashlib.sha256(TOKENIZE_VERSION.encode())
-    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.data.encode):
+    # chunks and store write the samples; preflight computes the per-sample facts stored with them.
+    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.data.encode, tunesmith.data.chunks,
+                   store, tunesmith.data.preflight):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -257,69 +241,151 @@ def cache_key(cfg: RunConfig, tokenizer: Any, train_data: str, eval_data: str) -
 
 # ------------------------------------------------------------------------------------- storage
 
-def save_tokenized(folder: Path, data: TokenizedData) -> None:
-    """Write train/eval as concatenated numpy arrays + meta.json into a temporary folder next to
-    `folder`, then rename it into place, so a reader never sees a half-written result."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        names: list[str] = []
-        for split, samples in (("train", data.train), ("eval", data.eval)):
-            lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
-            offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            ids = np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1]))
-            trained = np.fromiter((lab != IGNORE_INDEX for s in samples for lab in s.labels), dtype=np.bool_,
-                                  count=int(offsets[-1]))
-            for s in samples:
-                if s.source[0] not in names:
-                    names.append(s.source[0])
-            src = np.array([(names.index(s.source[0]), s.source[1], int(s.truncated)) for s in samples],
-                           dtype=np.int64).reshape(-1, 3)
-            arrays = {"ids": ids, "trained": trained, "offsets": offsets, "source": src}
-            if any(s.weights is not None for s in samples):  # only runs that set loss_weight store weights
-                arrays["weights"] = np.fromiter((w for s in samples for w in (s.weights or [1.0] * len(s.input_ids))),
-                                                dtype=np.float32, count=int(offsets[-1]))
-                arrays["weighted"] = np.array([s.weights is not None for s in samples], dtype=np.bool_)
-            np.savez(tmp / f"{split}.npz", **arrays)
-        meta = {"key": data.key, "version": TOKENIZE_VERSION, "datasets": names,
-                "report": {"train": asdict(data.report.train), "eval": asdict(data.report.eval),
-                           "seconds": data.report.seconds}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+POLL_SECONDS = 0.5
+# A store that gains no chunk for this long while other processes should be writing it is stuck.
+STALL_SECONDS = 30 * 60
 
 
-def load_tokenized(folder: Path) -> TokenizedData:
+def open_store(folder: Path) -> TokenizedData:
+    """The tokenized data of a complete store, mapped, not loaded."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        splits: dict[str, list[Encoded]] = {}
-        for split in ("train", "eval"):
-            with np.load(folder / f"{split}.npz") as z:
-                ids, trained, offsets, src = z["ids"], z["trained"], z["offsets"], z["source"]
-                weights = z["weights"].tolist() if "weights" in z else None
-                weighted = z["weighted"].tolist() if "weighted" in z else None
-            labels = np.where(trained, ids, IGNORE_INDEX)
-            ids_list, labels_list, offs = ids.tolist(), labels.tolist(), offsets.tolist()
-            names = meta["datasets"]
-            splits[split] = [
-                Encoded(input_ids=ids_list[offs[i] : offs[i + 1]], labels=labels_list[offs[i] : offs[i + 1]],
-                        source=(names[int(src[i, 0])], int(src[i, 1])), truncated=bool(src[i, 2]),
-                        weights=weights[offs[i] : offs[i + 1]] if weighted and weighted[i] else None)
-                for i in range(len(offs) - 1)
-            ]
-    except (OSError, KeyError, ValueError, IndexError) as exc:
+        if meta.get("format") != store.STORE_FORMAT:
+            raise ValueError(f"store format {meta.get('format')!r}, expected {store.STORE_FORMAT!r}")
+        train_split = store.StoreSplit(folder, "train", meta["datasets"]["train"])
+        if (folder / "eval_positions.npy").exists():
+            train = store.SampleView(train_split, np.load(folder / "train_positions.npy"))
+            evals = store.SampleView(train_split, np.load(folder / "eval_positions.npy"))
+        else:
+            train = store.SampleView(train_split)
+            evals = store.SampleView(store.StoreSplit(folder, "eval", meta["datasets"]["eval"]))
+        if len(train) != meta["samples"]["train"] or len(evals) != meta["samples"]["eval"]:
+            raise ValueError("the chunks do not add up to the samples meta.json counts")
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
         raise UserError(f"tokenized data in {folder} cannot be read ({exc}).",
                         hint="set overwrite_cache: true to tokenize again, or remove that folder.") from None
     rep = meta["report"]
     report = TokenizeReport(SplitReport.from_dict(rep["train"]), SplitReport.from_dict(rep["eval"]),
                             rep.get("seconds", 0.0))
-    return TokenizedData(splits["train"], splits["eval"], report, from_cache=True, path=folder,
-                         key=meta.get("key", ""))
+    return TokenizedData(train, evals, report, from_cache=True, path=folder, key=meta.get("key", ""))
+
+
+def partial_folder(target: Path) -> Path:
+    """Where a store is built before it is complete (a restart resumes from its chunks)."""
+    return target.parent / f".{target.name}.partial"
+
+
+def discard_store(target: Path) -> None:
+    """Remove a store and its partial build (overwrite_cache)."""
+    for folder in (target, partial_folder(target)):
+        if folder.is_dir() and ((folder / "meta.json").exists() or (folder / "chunks").exists()
+                                or folder.name.endswith(".partial")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _finalize(partial: Path, target: Path, cfg: RunConfig, specs: dict[str, list[Any]], key: str,
+              seconds: float) -> None:
+    """Check the rows every chunk read, split eval off, write meta.json and publish the store."""
+    from tunesmith.data.formats import check_named_columns, problems_report
+
+    d = cfg.data
+    where = cfg.source or "config"
+    summaries = {split: store.chunk_summaries(partial, split) for split in specs}
+    problem_count = sum(x["problem_count"] for part in summaries.values() for x in part)
+    total_rows = sum(x["rows"] for part in summaries.values() for x in part)
+    kept_rows = sum(x["kept"] + len(x["dropped"]) for part in summaries.values() for x in part)
+    for split, split_specs in specs.items():
+        for ds, spec in enumerate(split_specs):
+            rows = sum(x["rows_per_dataset"].get(str(ds), 0) for x in summaries[split])
+            if rows == 0:
+                raise UserError(f"dataset '{spec.name}' has no rows ({', '.join(map(str, spec.paths))}).",
+                                hint="add rows to the file, or remove the dataset from the list.")
+            check_named_columns(spec, {c for x in summaries[split] for c in x["columns"].get(str(ds), [])})
+    if problem_count:
+        first = [p for part in summaries.values() for x in part for p in x["problems"]]
+        report = problems_report(problem_count, first, total_rows)
+        if not d.skip_invalid:
+            raise UserError(report, hint="fix these rows, or set skip_invalid: true to leave invalid rows out "
+                                         "(they are reported).")
+        print(f"tunesmith: skipped {problem_count} invalid rows, kept {kept_rows} of {total_rows}.\n{report}",
+              file=sys.stderr)
+    dropped = {split: [row for x in summaries.get(split, []) for row in x["dropped"]] for split in ("train", "eval")}
+    names = {split: [spec.name for spec in specs.get(split, [])] for split in ("train", "eval")}
+    train_split = store.StoreSplit(partial, "train", names["train"])
+    if not len(train_split):
+        reasons = Counter(str(x[2]) for x in dropped["train"])
+        raise UserError(f"{where}: no training sample is left after tokenization: all {len(dropped['train'])} were "
+                        f"dropped ({', '.join(f'{r}: {c}' for r, c in reasons.items())}).",
+                        hint="raise cutoff_len, or check that the data has assistant answers.")
+    train_records, eval_records = train_split.index, store.StoreSplit(partial, "eval", names["eval"]).index
+    if not specs.get("eval") and d.val_size > 0:
+        held = held_out(len(train_split), d.val_size, cfg.train.seed, where)
+        np.save(partial / "train_positions.npy", np.flatnonzero(~held))
+        np.save(partial / "eval_positions.npy", np.flatnonzero(held))
+        train_records, eval_records = train_split.index[~held], train_split.index[held]
+    report = TokenizeReport(SplitReport.from_records(train_records, dropped["train"]),
+                            SplitReport.from_records(eval_records, dropped["eval"]), seconds=seconds)
+    meta = {"key": key, "version": TOKENIZE_VERSION, "format": store.STORE_FORMAT, "datasets": names,
+            "samples": {"train": len(train_records), "eval": len(eval_records)},
+            "report": {"train": asdict(report.train), "eval": asdict(report.eval), "seconds": report.seconds}}
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    replace_folder(partial, target)
+
+
+def _fail_marker(partial: Path) -> Path:
+    return partial / "failed.json"
+
+
+def _wait_for_chunks(partial: Path, target: Path, counts: dict[str, int], started: float) -> None:
+    """Poll until every chunk of every split is in the store (other processes write their share),
+    or another machine sharing the cache folder has completed the store."""
+    last_change, last_seen = time.time(), -1
+    while not (target / "meta.json").exists():
+        _raise_if_failed(partial, started)
+        missing = [(split, n) for split, count in counts.items() for n in range(count)
+                   if not store.chunk_done(partial, split, n)]
+        if not missing:
+            return
+        if len(missing) != last_seen:
+            last_change, last_seen = time.time(), len(missing)
+        elif time.time() - last_change > STALL_SECONDS:
+            raise UserError(f"tokenization in {partial} made no progress for {STALL_SECONDS // 60} minutes "
+                            f"({len(missing)} chunks missing, first: {missing[0][0]} chunk {missing[0][1]}).",
+                            hint="check that every process of the run is alive and sees the same cache folder.")
+        time.sleep(POLL_SECONDS)
+
+
+def _wait_for_store(target: Path, partial: Path, started: float) -> None:
+    """Poll until the main process has published the store (or reported why it cannot)."""
+    last_change, last_count = time.time(), -1
+    while not (target / "meta.json").exists():
+        _raise_if_failed(partial, started)
+        count = len(list((partial / "chunks").glob("*-*"))) if (partial / "chunks").is_dir() else 0
+        if count != last_count:
+            last_change, last_count = time.time(), count
+        elif time.time() - last_change > STALL_SECONDS:
+            raise UserError(f"the tokenized data {target} was not completed by the main process within "
+                            f"{STALL_SECONDS // 60} minutes of its last progress.",
+                            hint="check the main process's output for the reason.")
+        time.sleep(POLL_SECONDS)
+
+
+def _raise_if_failed(partial: Path, started: float) -> None:
+    marker = _fail_marker(partial)
+    try:
+        if marker.stat().st_mtime >= started - 1:
+            raise UserError(json.loads(marker.read_text(encoding="utf-8"))["error"])
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def _record_failure(partial: Path, error: BaseException) -> None:
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+        _fail_marker(partial).write_text(json.dumps({"error": str(error)}), encoding="utf-8")
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------- entry
@@ -328,41 +394,66 @@ def _names(value: list[str] | None) -> list[str]:
     return list(value or [])
 
 
-def _load_conversations(names: list[str], cfg: RunConfig) -> list[Conversation]:
-    from tunesmith.data.formats import load_conversations
-    from tunesmith.template import with_system
+def _first_conversations(names: list[str], cfg: RunConfig, n: int) -> list[Conversation]:
+    """The first n conversations of the datasets, read in a stream (a row that cannot be read
+    is reported as such, whatever its position)."""
+    from tunesmith.data.chunks import apply_default_system
+    from tunesmith.data.formats import RowError, dataset_records, to_conversation
+    from tunesmith.data.readers import DataProblem
+    from tunesmith.data.registry import resolve_datasets
 
     d = cfg.data
-    convs = load_conversations(",".join(names), d.dataset_dir, max_samples=d.max_samples,
-                               skip_invalid=d.skip_invalid, seed=cfg.train.seed)
-    system = cfg.generate.default_system
-    if system:  # the system-prompt rule chat and the API follow (template.with_system)
-        for conv in convs:
-            conv.messages = with_system(conv.messages, system)
-    return convs
+    out: list[Conversation] = []
+    for spec in resolve_datasets(names, d.dataset_dir):
+        for path, file_row, line, index, row in dataset_records(spec, max_samples=d.max_samples, seed=cfg.train.seed):
+            if len(out) >= n:
+                return out
+            if isinstance(row, DataProblem):
+                if d.skip_invalid:
+                    continue
+                raise UserError(str(row))
+            try:
+                conv = to_conversation(row, spec, index)
+            except RowError as exc:
+                if not d.skip_invalid:
+                    raise UserError(str(DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix))) from None
+                continue
+            # the system-prompt rule chat, the API and the store's workers follow (template.with_system)
+            out.append(apply_default_system(conv, cfg.generate.default_system))
+    return out
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None = None,
-                      quiet: bool = False) -> TokenizedData:
-    """The train and eval samples of a run, from the cache when the same inputs were tokenized before.
+def store_target(cfg: RunConfig, key: str) -> Path:
+    from tunesmith.files import cache_dir
+
+    d = cfg.data
+    return Path(d.tokenized_path) if d.tokenized_path else cache_dir() / "tokenized" / key
+
+
+def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None = None, quiet: bool = False,
+                      rank: int = 0, world: int = 1) -> TokenizedData:
+    """The train and eval samples of a run, from the token store when the same inputs were
+    tokenized before (opened, not loaded), else tokenized into it chunk by chunk.
 
     Eval comes from `eval_dataset`, else from a `val_size` split of the training samples.
-    `tokenized_path`, when set, is loaded if it exists, else written. The report table goes to stderr.
+    `tokenized_path`, when set, is opened if it exists, else written. With several processes
+    (`rank` of `world`), each tokenizes its share of the chunks; rank 0 publishes the store and
+    the others poll for it. The report table goes to stderr.
     """
     d = cfg.data
     where = cfg.source or "config"
     train_names, eval_names = _names(d.dataset), _names(d.eval_dataset)
-    say = (lambda _m: None) if quiet else _say
+    say = (lambda _m: None) if quiet or rank else _say
     if d.eval_dataset and d.val_size > 0:
         raise UserError(f"{where}: both 'eval_dataset' and 'val_size' are set; use one of them.")
 
     if d.tokenized_path and Path(d.tokenized_path, "meta.json").exists() and not d.overwrite_cache:
-        data = load_tokenized(Path(d.tokenized_path))
-        say(f"Loaded tokenized data from tokenized_path {d.tokenized_path} "
+        data = open_store(Path(d.tokenized_path))
+        say(f"Opened tokenized data from tokenized_path {d.tokenized_path} "
             f"({len(data.train)} train, {len(data.eval)} eval samples).")
         try:  # the data files need not be present to train from tokenized_path
             current = cache_key(cfg, tokenizer, data_fingerprint(train_names, d.dataset_dir),
@@ -372,7 +463,7 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
         if current != data.key:
             say(f"warning: {d.tokenized_path} was tokenized from other data, tokenizer or data settings than "
                 "this config's; it is used as is (set overwrite_cache: true to tokenize again).")
-        if not quiet:
+        if not quiet and not rank:
             _say(data.report.table())
         return data
     if not train_names:
@@ -383,51 +474,67 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
     train_fp = data_fingerprint(train_names, d.dataset_dir)
     eval_fp = data_fingerprint(eval_names, d.dataset_dir) if eval_names else ""
     key = cache_key(cfg, tokenizer, train_fp, eval_fp)
-
-    from tunesmith.files import cache_dir
-
-    target = Path(d.tokenized_path) if d.tokenized_path else cache_dir() / "tokenized" / key
+    target = store_target(cfg, key)
     if d.tokenized_path and target.exists() and not (target / "meta.json").exists() and \
             (target.is_file() or any(target.iterdir())):
         # Never replace a folder we did not write (e.g. a LLaMA-Factory tokenized dataset).
         raise UserError(f"{where}: tokenized_path '{target}' exists but does not hold tokenized data written by "
                         "tunesmith (no meta.json), so it is left untouched.",
                         hint="point tokenized_path at a new folder, or remove that one.")
-    if not d.tokenized_path and (target / "meta.json").exists() and not d.overwrite_cache:
-        data = load_tokenized(target)
-        say(f"Loaded tokenized data from the cache {target} ({len(data.train)} train, {len(data.eval)} eval "
+    if d.overwrite_cache and world == 1:
+        discard_store(target)
+    if (target / "meta.json").exists():
+        data = open_store(target)
+        say(f"Opened tokenized data from the cache {target} ({len(data.train)} train, {len(data.eval)} eval "
             "samples); set overwrite_cache: true to tokenize again.")
-        if not quiet:
+        if not quiet and not rank:
             _say(data.report.table())
         return data
+    return _build(cfg, tokenizer, key, target, num_workers, rank, world, quiet, say)
 
-    started = time.perf_counter()
-    train_convs = _load_conversations(train_names, cfg)
+
+def _build(cfg: RunConfig, tokenizer: Any, key: str, target: Path, num_workers: int | None, rank: int,
+           world: int, quiet: bool, say: Any) -> TokenizedData:
+    from tunesmith.data.chunks import build_chunks
+    from tunesmith.data.registry import resolve_datasets
+
+    d = cfg.data
+    started_at = time.time()
+    specs = {"train": resolve_datasets(_names(d.dataset), d.dataset_dir)}
+    if _names(d.eval_dataset):
+        specs["eval"] = resolve_datasets(_names(d.eval_dataset), d.dataset_dir)
+    partial = partial_folder(target)
+    partial.mkdir(parents=True, exist_ok=True)
     if num_workers is None:
-        num_workers = d.preprocessing_num_workers
-    train, train_dropped = encode_all(train_convs, tokenizer, d, num_workers=num_workers,
-                                      desc="Tokenizing train")
-    evals: list[Encoded] = []
-    eval_dropped: list[Dropped] = []
-    eval_convs: list[Conversation] = []
-    if eval_names:
-        eval_convs = _load_conversations(eval_names, cfg)
-        evals, eval_dropped = encode_all(eval_convs, tokenizer, d, num_workers=num_workers, desc="Tokenizing eval")
-    elif d.val_size > 0:
-        train, evals = split_eval(train, d.val_size, cfg.train.seed, where)
-    if not train:
-        reasons = Counter(x.reason for x in train_dropped)
-        raise UserError(f"{where}: no training sample is left after tokenization: all {len(train_dropped)} were "
-                        f"dropped ({', '.join(f'{r}: {c}' for r, c in reasons.items())}).",
-                        hint="raise cutoff_len, or check that the data has assistant answers.")
-    report = TokenizeReport(SplitReport.build(train, train_dropped), SplitReport.build(evals, eval_dropped),
-                            seconds=time.perf_counter() - started)
-    data = TokenizedData(train, evals, report, from_cache=False, path=target, key=key)
-    save_tokenized(target, data)
-    say(f"Tokenized {len(train_convs) + len(eval_convs)} conversations in {report.seconds:.1f}s; "
+        num_workers = d.preprocessing_num_workers if d.preprocessing_num_workers is not None else default_num_workers()
+    try:
+        built = build_chunks(partial, specs, tokenizer, d, max_samples=d.max_samples, seed=cfg.train.seed,
+                             num_workers=num_workers, rank=rank, world=world,
+                             default_system=cfg.generate.default_system)
+        if rank == 0:
+            _wait_for_chunks(partial, target, built.chunks, started_at)
+            from filelock import FileLock
+
+            # Machines that share the cache folder each have a first process: one completes the store.
+            with FileLock(str(target.parent / f".{target.name}.lock")):
+                if not (target / "meta.json").exists():
+                    _finalize(partial, target, cfg, specs, key, time.time() - started_at)
+        else:
+            _wait_for_store(target, partial, started_at)
+    except (UserError, OSError) as exc:
+        if world > 1:
+            _record_failure(partial, exc)
+        raise
+    data = open_store(target)
+    data.from_cache = False
+    seconds = time.time() - started_at
+    total = sum(built.chunks.values())
+    resumed = f" ({total - built.tokenized} of {total} chunks were done before)" \
+        if world == 1 and built.tokenized < total else ""
+    say(f"Tokenized {built.rows} rows in {seconds:.1f}s ({built.rows / max(seconds, 1e-9):.0f} rows/s){resumed}; "
         f"saved to {target}.")
-    if not quiet:
-        _say(report.table())
+    if not quiet and not rank:
+        _say(data.report.table())
     return data
 
 
@@ -481,11 +588,9 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
         color = file.isatty() and not os.environ.get("NO_COLOR")
     if not _names(cfg.data.dataset):
         raise UserError(f"{cfg.source or 'config'}: 'dataset' is not set; nothing to preview.")
-    convs = _load_conversations(_names(cfg.data.dataset), cfg)
+    convs = _first_conversations(_names(cfg.data.dataset), cfg, n)
     shown = merged = 0
     for conv in convs:
-        if shown >= n:
-            break
         result = encode(conv, tokenizer, cfg.data)
         name, row = result.source
         if isinstance(result, Dropped):
@@ -499,7 +604,7 @@ def preview(cfg: RunConfig, tokenizer: Any, n: int = 3, color: bool | None = Non
             print(format_sample(result, tokenizer, color=color, marks=marks), file=file)
         shown += 1
     legend = "green = trained" if color else "[[...]] = trained"
-    print(f"({shown} of {len(convs)} rows; {legend}; labels are -100 elsewhere)", file=file)
+    print(f"(the first {shown} rows; {legend}; labels are -100 elsewhere)", file=file)
     if merged:
         print(f"{MERGE_MARK} = a prompt/answer boundary where tokenizing the whole text at once would merge the "
               f"two sides into one token; each side is tokenized alone, as inference feeds the prompt "

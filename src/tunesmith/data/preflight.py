@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from tunesmith.config import RunConfig
-from tunesmith.data.batching import plan_micro_batches
+from tunesmith.data import store
+from tunesmith.data.batching import epoch_order_array, plan_micro_batches
 from tunesmith.data.encode import Encoded
 from tunesmith.errors import UserError
 from tunesmith.template import render, stop_strings
@@ -69,9 +70,57 @@ def _count(n: int, word: str = "sample") -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _where(samples: Sequence[Encoded], indices: Sequence[int]) -> str:
-    shown = ", ".join(f"{samples[i].source[0]} row {samples[i].source[1]}" for i in indices[:SHOWN_EXAMPLES])
+def _where(sources: Any, indices: Sequence[int]) -> str:
+    shown = ", ".join(f"{sources[i][0]} row {sources[i][1]}" for i in indices[:SHOWN_EXAMPLES])
     return shown + (", ..." if len(indices) > SHOWN_EXAMPLES else "")
+
+
+@dataclass
+class SampleFacts:
+    """What the checks read, one numpy entry per sample: a token store keeps these arrays
+    (written as the samples are encoded), so checking a million samples reads no token."""
+
+    lengths: np.ndarray
+    trained: np.ndarray
+    flags: np.ndarray  # store.TRUNCATED | END_OF_TURN_TRAINED | HAS_EOS | EOS_TRAINED | DOUBLE_BOS
+    sources: Any  # (dataset, row) of sample i, on demand
+
+
+class FlagRules:
+    """Computes a sample's preflight flags; built once per tokenizer (and per worker process)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.markers = end_of_turn_markers(tokenizer)
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def flags(self, sample: Encoded) -> int:
+        return self.flags_of(np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.labels, dtype=np.int64),
+                             sample.truncated)
+
+    def flags_of(self, ids: np.ndarray, labels: np.ndarray, truncated: bool) -> int:
+        value = store.TRUNCATED if truncated else 0
+        if any(_trains(labels, m) for m in self.markers):
+            value |= store.END_OF_TURN_TRAINED
+        if self.eos is not None and bool(np.any(ids == self.eos)):
+            value |= store.HAS_EOS
+            if bool(np.any(labels == self.eos)):
+                value |= store.EOS_TRAINED
+        if self.bos is not None and len(ids) >= 2 and ids[0] == self.bos and ids[1] == self.bos:
+            value |= store.DOUBLE_BOS
+        return value
+
+
+def facts_of(samples: Sequence[Encoded], tokenizer: Any) -> SampleFacts:
+    """The facts of samples held in memory, or the stored ones of a store's samples."""
+    records = getattr(samples, "records", None)
+    if records is not None:
+        return SampleFacts(records["length"].astype(np.int64), records["trained"].astype(np.int64),
+                           records["flags"], samples.sources)  # type: ignore[attr-defined]
+    rules = FlagRules(tokenizer)
+    return SampleFacts(np.array([len(s.input_ids) for s in samples], dtype=np.int64),
+                       np.array([s.trained_tokens for s in samples], dtype=np.int64),
+                       np.array([rules.flags(s) for s in samples], dtype=np.uint8),
+                       [s.source for s in samples])
 
 
 def end_of_turn_markers(tokenizer: Any) -> list[list[int]]:
@@ -91,38 +140,34 @@ def _trains(labels: np.ndarray, marker: list[int]) -> bool:
     first = np.flatnonzero(labels == marker[0])
     if len(marker) == 1:
         return len(first) > 0
-    for at in first:
-        if at + len(marker) <= len(labels) and labels[at : at + len(marker)].tolist() == marker:
-            return True
-    return False
+    return any(at + len(marker) <= len(labels) and labels[at : at + len(marker)].tolist() == marker
+               for at in first)
 
 
 def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) -> PreflightReport:
     report = PreflightReport()
-    n = len(samples)
-    lengths = [len(s.input_ids) for s in samples]
-    trained = [s.trained_tokens for s in samples]
-    report.figures.append(f"train samples {n}, tokens {sum(lengths):,}, trained tokens {sum(trained):,}")
+    facts = facts_of(samples, tokenizer)
+    n = len(facts.lengths)
+    lengths, trained, flags, sources = facts.lengths, facts.trained, facts.flags, facts.sources
+    report.figures.append(f"train samples {n}, tokens {int(lengths.sum()):,}, trained tokens {int(trained.sum()):,}")
     if not n:
         return report
-    labels = [np.asarray(s.labels, dtype=np.int64) for s in samples]
+    truncated = (flags & store.TRUNCATED) != 0
 
     # End of turn: the model learns to stop only if the token that ends an answer is trained.
-    markers = end_of_turn_markers(tokenizer)
-    names = " / ".join(repr(tokenizer.decode(m)) for m in markers)
-    with_marker = [i for i in range(n) if any(_trains(labels[i], m) for m in markers)]
-    report.figures.append(f"end of turn {names}: trained in {len(with_marker)} of {n} samples")
-    has = set(with_marker)
-    missing = [i for i in range(n) if i not in has and not samples[i].truncated and trained[i]]
-    cut = sum(1 for i in range(n) if i not in has and samples[i].truncated)
-    if not with_marker:
+    names = " / ".join(repr(tokenizer.decode(m)) for m in end_of_turn_markers(tokenizer))
+    has = (flags & store.END_OF_TURN_TRAINED) != 0
+    report.figures.append(f"end of turn {names}: trained in {int(has.sum())} of {n} samples")
+    missing = np.flatnonzero(~has & ~truncated & (trained > 0))
+    cut = int((~has & truncated).sum())
+    if not has.any():
         report.add(FATAL, f"no sample trains the end-of-turn token ({names}): the model would never learn to "
                           "stop and would ramble on after every answer.",
                    "use a chat template whose answers end with an end-of-turn token or eos (e.g. template: "
                    "chatml); `tunesmith data preview` shows the trained tokens.")
-    elif missing:
+    elif len(missing):
         report.add(WARNING, f"the end-of-turn token is not trained in {_count(len(missing))} not cut short "
-                            f"({_where(samples, missing)}).",
+                            f"({_where(sources, missing)}).",
                    "check how those rows end (`tunesmith data preview`).")
     if cut:
         report.add(INFO, f"{_count(cut)} cut at cutoff_len {cfg.data.cutoff_len} end without the end-of-turn "
@@ -131,10 +176,10 @@ def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) ->
     # Double BOS.
     bos = tokenizer.bos_token_id
     if bos is not None:
-        doubled = [i for i in range(n) if samples[i].input_ids[:2] == [bos, bos]]
-        if doubled:
+        doubled = np.flatnonzero(flags & store.DOUBLE_BOS)
+        if len(doubled):
             report.add(FATAL, f"two BOS tokens {tokenizer.bos_token!r} open {_count(len(doubled))} "
-                              f"({_where(samples, doubled)}): the chat template writes BOS where the text "
+                              f"({_where(sources, doubled)}): the chat template writes BOS where the text "
                               "already begins with it.",
                        "remove the extra {{ bos_token }} from the chat template, or use a named template.")
         else:
@@ -151,8 +196,8 @@ def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) ->
     # pad == eos: harmless when padding is masked by position, fatal when eos ends up masked.
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if eos is not None and pad == eos:
-        occurs = [i for i in range(n) if eos in samples[i].input_ids]
-        eos_trained = [i for i in occurs if bool(np.any(labels[i] == eos))]
+        occurs = int(((flags & store.HAS_EOS) != 0).sum())
+        eos_trained = int(((flags & store.EOS_TRAINED) != 0).sum())
         if occurs and not eos_trained:
             report.add(FATAL, f"pad == eos ({tokenizer.eos_token!r}) and eos is masked in every sample that has "
                               "it: padding was masked by token id, which took eos with it, so the model would "
@@ -161,16 +206,16 @@ def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) ->
                        "tokenizer its own pad token.")
         elif eos_trained:
             report.add(INFO, f"pad == eos ({tokenizer.eos_token!r}); fine here: padding is masked by position, "
-                             f"and eos is trained in {_count(len(eos_trained))}.")
+                             f"and eos is trained in {_count(eos_trained)}.")
 
     # Samples that train nothing.
-    empty = [i for i in range(n) if trained[i] == 0]
-    if empty and len(empty) == n:
+    empty = np.flatnonzero(trained == 0)
+    if len(empty) and len(empty) == n:
         report.add(FATAL, "no sample has a trained token: there is nothing to learn.",
                    "check that the data has assistant answers (`tunesmith data preview`).")
-    elif empty:
+    elif len(empty):
         report.add(WARNING, f"{_count(len(empty))} with no trained token only cost time "
-                            f"({_where(samples, empty)}).", "remove them or check their answers.")
+                            f"({_where(sources, empty)}).", "remove them or check their answers.")
 
     # Padding share at the configured batch size (packing leaves little or none), and the longest samples.
     t, d = cfg.train, cfg.data
@@ -178,22 +223,37 @@ def run_preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig) ->
         report.figures.append(f"batches: packing at batch size {t.per_device_train_batch_size} (little or no "
                               "padding)")
     else:
-        grouping = {"group_by_length": True} if getattr(d, "group_by_length", False) else {}
-        plan = plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
-                                  shuffle=d.shuffle, packing=False, max_len=d.cutoff_len, **grouping)
-        slots = sum(len(micro) * max(lengths[row[0]] for row in micro) for micro in plan)
-        share = 1 - sum(lengths) / max(slots, 1)
+        share = _padding_share(lengths, cfg)
         report.figures.append(f"padding share at batch size {t.per_device_train_batch_size}: {share:.1%}")
         if share > PADDING_WARN_SHARE:
             report.add(WARNING, f"{share:.0%} of every batch is padding at per_device_train_batch_size "
                                 f"{t.per_device_train_batch_size}.",
                        "set packing: true, or a smaller per_device_train_batch_size with more "
                        "gradient_accumulation_steps.")
-    longest = sorted(range(n), key=lambda i: (-lengths[i], i))[:SHOWN_EXAMPLES]
+    longest = np.lexsort((np.arange(n), -lengths))[:SHOWN_EXAMPLES]
     report.figures.append("longest: " + ", ".join(
-        f"{samples[i].source[0]} row {samples[i].source[1]} ({lengths[i]} tokens, {trained[i]} trained"
-        f"{', cut' if samples[i].truncated else ''})" for i in longest))
+        f"{sources[i][0]} row {sources[i][1]} ({lengths[i]} tokens, {trained[i]} trained"
+        f"{', cut' if truncated[i] else ''})" for i in longest))
     return report
+
+
+def _padding_share(lengths: np.ndarray, cfg: RunConfig) -> float:
+    """Share of padding in the epoch's padded micro-batches (each padded to its longest sample)."""
+    t, d = cfg.train, cfg.data
+    if getattr(d, "group_by_length", False):
+        plan = plan_micro_batches(lengths.tolist(), batch_size=t.per_device_train_batch_size, seed=t.seed,
+                                  epoch=0, shuffle=d.shuffle, packing=False, max_len=d.cutoff_len,
+                                  group_by_length=True)
+        slots = sum(len(micro) * max(int(lengths[row[0]]) for row in micro) for micro in plan)
+    else:
+        order = epoch_order_array(len(lengths), t.seed, 0, d.shuffle)
+        ordered = lengths[order]
+        size = t.per_device_train_batch_size
+        starts = np.arange(0, len(ordered), size)
+        widths = np.maximum.reduceat(ordered, starts)
+        counts = np.diff(np.append(starts, len(ordered)))
+        slots = int((widths * counts).sum())
+    return 1 - int(lengths.sum()) / max(slots, 1)
 
 
 def preflight(samples: Sequence[Encoded], tokenizer: Any, cfg: RunConfig, out: Path | None, *,

@@ -7,7 +7,6 @@ problem can be reported as "file.json line 57 (row 12)". Files are only ever rea
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import sys
@@ -65,28 +64,46 @@ class DataFileError(UserError):
 Record = tuple[int, int | None, "dict[str, Any] | DataProblem"]
 
 
-def iter_file_records(path: Path) -> Iterator[Record]:
-    """Every row of one data file in order; rows that cannot be parsed come as a DataProblem.
+def iter_file_records(path: Path, *, raw_lines: bool = False) -> Iterator[Record]:
+    """Every row of one data file in order, read in a stream (memory bounded by one block of
+    rows, not the file); rows that cannot be parsed come as a DataProblem.
 
-    A problem that spoils the whole file (bad JSON list, bytes that are not UTF-8 in a JSON list
-    or CSV) raises DataFileError instead.
+    With raw_lines, JSON Lines rows come as RawLine (the line's bytes) for `parse_raw_line` to
+    parse elsewhere (in a tokenizer worker). A problem that spoils the whole file (bad JSON list,
+    bytes that are not UTF-8 in a JSON list or CSV) raises DataFileError instead.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _jsonl_records(path, path.read_bytes())
+        yield from _jsonl_records(path, raw_lines)
     elif suffix == ".json":
-        raw = path.read_bytes()
-        head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
         # A .json file holding one object per line is JSON Lines (as the `datasets` json loader reads it).
-        yield from _jsonl_records(path, raw) if head == b"{" else _json_list_records(path, raw)
+        yield from _jsonl_records(path, raw_lines) if head == b"{" else _json_list_records(path)
     elif suffix == ".csv":
-        yield from _csv_records(path, path.read_bytes())
+        yield from _csv_records(path)
     elif suffix in (".parquet", ".arrow"):
         yield from _arrow_records(path)
     else:
         raise DataFileError(DataProblem(path, None, None, None, f"unsupported file type '{suffix}'",
                                         "use .json, .jsonl, .csv, .parquet or .arrow"))
+
+
+@dataclass
+class RawLine:
+    """One JSON Lines row not parsed yet: its bytes and where they start in the file."""
+
+    data: bytes
+    byte_offset: int
+
+
+def file_progress(path: Path) -> float:
+    """Size of a data file in bytes (for progress estimates)."""
+    try:
+        return float(Path(path).stat().st_size)
+    except OSError:
+        return 0.0
 
 
 def read_rows(spec_or_path: Any) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
@@ -104,14 +121,6 @@ def read_rows(spec_or_path: Any) -> Iterator[tuple[int, int | None, dict[str, An
             index += 1
 
 
-def _decode(path: Path, raw: bytes, line_offset: int = 0, byte_offset: int = 0) -> str:
-    """The text of raw, or a DataProblem-carrying error that names the first byte that is not UTF-8."""
-    try:
-        return raw.decode("utf-8-sig" if byte_offset == 0 else "utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFileError(_not_utf8(path, raw, exc, line_offset, byte_offset)) from None
-
-
 def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError, line_offset: int, byte_offset: int,
               row: int | None = None) -> DataProblem:
     line = line_offset + raw.count(b"\n", 0, exc.start) + 1
@@ -123,32 +132,38 @@ def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError, line_offset: int,
                        "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8 in > out)")
 
 
-def _jsonl_records(path: Path, raw: bytes) -> Iterator[Record]:
+def _jsonl_records(path: Path, raw_lines: bool = False) -> Iterator[Record]:
     index = 0
     offset = 0
-    for number, chunk in enumerate(raw.split(b"\n"), start=1):
-        start = offset
-        offset += len(chunk) + 1
-        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
-            chunk = chunk[3:]
-            start += 3
-        if not chunk.strip():
-            continue
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield index, number, _not_utf8(path, chunk, exc, number - 1, start, row=index)
+    with open(path, "rb") as fh:
+        for number, chunk in enumerate(fh, start=1):
+            start = offset
+            offset += len(chunk)
+            if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+                start += 3
+            if not chunk.strip():
+                continue
+            if raw_lines:
+                yield index, number, RawLine(chunk, start)  # type: ignore[misc]
+            else:
+                yield index, number, parse_raw_line(path, index, number, RawLine(chunk, start))
             index += 1
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield index, number, DataProblem(
-                path, index, number, None, f"invalid JSON at column {exc.colno}: {exc.msg}",
-                "each line must be one complete JSON object; fix the syntax there")
-        else:
-            yield index, number, row if isinstance(row, dict) else _not_an_object(path, index, number, row)
-        index += 1
+
+
+def parse_raw_line(path: Path, index: int, number: int, raw: RawLine) -> dict[str, Any] | DataProblem:
+    """One JSON Lines row, or the DataProblem that names its line and column."""
+    chunk = raw.data.rstrip(b"\r\n")
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _not_utf8(path, chunk, exc, number - 1, raw.byte_offset, row=index)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return DataProblem(path, index, number, None, f"invalid JSON at column {exc.colno}: {exc.msg}",
+                           "each line must be one complete JSON object; fix the syntax there")
+    return row if isinstance(row, dict) else _not_an_object(path, index, number, row)
 
 
 def _not_an_object(path: Path, index: int, line: int | None, row: Any) -> DataProblem:
@@ -156,55 +171,147 @@ def _not_an_object(path: Path, index: int, line: int | None, row: Any) -> DataPr
                        'write each row as {"column": value, ...}')
 
 
-def _json_list_records(path: Path, raw: bytes) -> Iterator[Record]:
-    text = _decode(path, raw)
+class _TextBlocks:
+    """A file's text read block by block, kept from the first unconsumed character on: a JSON
+    list is parsed one row at a time without the whole file in memory."""
 
+    BLOCK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        import codecs
+
+        self.path, self.fh = path, open(path, "rb")  # noqa: SIM115 (closed in close())
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.base_line = 1  # line number of text[0]
+        self.base_column = 0  # characters of that line before text[0]
+        self.bytes_read = 0
+        self.lines_read = 0  # newlines in the bytes read so far
+        self.eof = False
+        self.first = True
+
+    def more(self, want: int = BLOCK) -> bool:
+        """Append at least one more block; False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.fh.read(max(want, self.BLOCK))
+        start = self.bytes_read
+        self.bytes_read += len(raw)
+        try:
+            piece = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            line_offset = self.lines_read
+            raise DataFileError(_not_utf8(self.path, raw, exc, line_offset, start)) from None
+        self.lines_read += raw.count(b"\n")
+        if self.first:
+            piece = piece.removeprefix("\ufeff")
+            self.first = False
+        self.text += piece
+        if not raw:
+            self.eof = True
+        return True
+
+    def drop(self, pos: int) -> int:
+        """Forget the text before pos; returns the new position of what was at pos."""
+        newlines = self.text.count("\n", 0, pos)
+        if newlines:
+            self.base_line += newlines
+            self.base_column = pos - (self.text.rfind("\n", 0, pos) + 1)
+        else:
+            self.base_column += pos
+        self.text = self.text[pos:]
+        return 0
+
+    def skip_space(self, pos: int) -> int:
+        while True:
+            pos = _WHITESPACE.match(self.text, pos).end()
+            if pos < len(self.text) or not self.more():
+                return pos
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _json_list_records(path: Path) -> Iterator[Record]:
+    blocks = _TextBlocks(path)
+    try:
+        yield from _json_list_rows(path, blocks)
+    finally:
+        blocks.close()
+
+
+def _json_list_rows(path: Path, blocks: _TextBlocks) -> Iterator[Record]:
     def fail(pos: int, message: str, fix: str) -> DataFileError:
-        line = text.count("\n", 0, pos) + 1
-        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        text = blocks.text
+        line = blocks.base_line + text.count("\n", 0, pos)
+        line_start = text.rfind("\n", 0, pos) + 1
+        column = pos - line_start + 1 + (blocks.base_column if line_start == 0 else 0)
         return DataFileError(DataProblem(path, None, line, None, f"invalid JSON at column {column}: {message}", fix))
 
-    pos = _WHITESPACE.match(text, 1 if text.startswith("\ufeff") else 0).end()
-    if pos == len(text):
+    pos = blocks.skip_space(0)
+    if pos == len(blocks.text):
         raise DataFileError(DataProblem(path, None, None, None, "the file is empty",
                                         "write the rows as a JSON list: [{...}, {...}]"))
-    if text[pos] != "[":
+    if blocks.text[pos] != "[":
         raise fail(pos, "expected a list of rows ('[') or one JSON object per line",
                    "write the rows as a JSON list [{...}, {...}], or as JSON Lines")
-    pos = _WHITESPACE.match(text, pos + 1).end()
-    line, counted_to = 1, 0
+    pos = blocks.skip_space(pos + 1)
     index = 0
-    if pos < len(text) and text[pos] == "]":
+    if pos < len(blocks.text) and blocks.text[pos] == "]":
         pos += 1
     else:
         while True:
-            try:
-                row, end = _DECODER.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise fail(exc.pos, exc.msg, "fix the JSON syntax there (a missing comma, quote or bracket "
-                                             "is the usual cause)") from None
-            line += text.count("\n", counted_to, pos)
-            counted_to = pos
+            row, end = _decode_one(blocks, pos, fail)  # the text before the row is dropped
+            line = blocks.base_line
             yield index, line, row if isinstance(row, dict) else _not_an_object(path, index, line, row)
             index += 1
-            pos = _WHITESPACE.match(text, end).end()
-            if pos < len(text) and text[pos] == ",":
-                pos = _WHITESPACE.match(text, pos + 1).end()
+            pos = blocks.skip_space(end)
+            if pos < len(blocks.text) and blocks.text[pos] == ",":
+                pos = blocks.skip_space(pos + 1)
                 continue
-            if pos < len(text) and text[pos] == "]":
+            if pos < len(blocks.text) and blocks.text[pos] == "]":
                 pos += 1
                 break
             raise fail(pos, "expected ',' or ']' after a row", "separate rows with commas and end the list with ']'")
-    pos = _WHITESPACE.match(text, pos).end()
-    if pos != len(text):
+    pos = blocks.skip_space(pos)
+    if pos != len(blocks.text):
         raise fail(pos, "extra data after the end of the list", "remove what follows the closing ']'")
 
 
-def _csv_records(path: Path, raw: bytes) -> Iterator[Record]:
-    text = _decode(path, raw)
+def _decode_one(blocks: _TextBlocks, pos: int, fail: Any) -> tuple[Any, int]:
+    """The JSON value at pos (reading more of the file while it is cut off by the block's end);
+    returns (value, end) with end relative to the text after `blocks.drop(pos)`."""
+    pos = blocks.drop(pos)
+    while True:
+        try:
+            row, end = _DECODER.raw_decode(blocks.text, pos)
+        except json.JSONDecodeError as exc:
+            if blocks.more(len(blocks.text)):  # cut off at the block's end: read on and retry
+                continue
+            raise fail(exc.pos, exc.msg, "fix the JSON syntax there (a missing comma, quote or bracket "
+                                         "is the usual cause)") from None
+        if end == len(blocks.text) and blocks.more():
+            continue  # a number or literal may go on in the next block
+        return row, end
+
+
+def _decoded_lines(path: Path) -> Iterator[str]:
+    """The file's lines as text, one at a time; bytes that are not UTF-8 raise DataFileError with
+    the line and byte offset."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFileError(_not_utf8(path, raw, exc, number - 1, offset)) from None
+            offset += len(raw)
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
     # Answers longer than the csv module's default field limit (128 KiB) are ordinary data here.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(_decoded_lines(path))
     try:
         header = next(reader, None)
         if header is None:
@@ -229,22 +336,33 @@ def _csv_records(path: Path, raw: bytes) -> Iterator[Record]:
                                         "check the quoting on that line")) from None
 
 
+ARROW_BATCH_ROWS = 4096
+
+
 def _arrow_records(path: Path) -> Iterator[Record]:
+    """Rows of a Parquet or Arrow file, one record batch at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
+    def batches() -> Iterator[Any]:
         if path.suffix.lower() == ".parquet":
-            table = pq.read_table(path)
-        else:
-            with pa.memory_map(str(path)) as source:
-                try:
-                    table = pa.ipc.open_stream(source).read_all()
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    table = pa.ipc.open_file(source).read_all()
+            yield from pq.ParquetFile(path).iter_batches(batch_size=ARROW_BATCH_ROWS)
+            return
+        with pa.memory_map(str(path)) as source:
+            try:
+                yield from pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
+
+    index = 0
+    try:
+        for batch in batches():
+            for row in batch.to_pylist():
+                yield index, None, row
+                index += 1
     except (pa.ArrowException, OSError) as exc:
         raise DataFileError(DataProblem(path, None, None, None, f"cannot be read: {exc}",
                                         "check that it is a complete, valid file of that type")) from None
-    for index, row in enumerate(table.to_pylist()):
-        yield index, None, row

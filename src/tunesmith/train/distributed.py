@@ -435,18 +435,6 @@ def zero_stage(accelerator: Any) -> int | None:
     return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None
 
 
-def cache_reader_view(cfg: Any, accelerator: Any) -> Any:
-    """The config the tokenizer step sees on this rank: each node's first process tokenizes (and
-    writes the node's cache) first; the node's others must read that cache, even when
-    overwrite_cache asks to tokenize again."""
-    if accelerator.is_local_main_process or not cfg.data.overwrite_cache:
-        return cfg
-    view = copy.copy(cfg)
-    view.data = copy.copy(cfg.data)
-    view.data.overwrite_cache = False
-    return view
-
-
 def build_optimizer(accelerator: Any, param_groups: list[dict[str, Any]], cfg: Any) -> Any:
     """The optimizer `optim` names (train/optimizers.py); under a DeepSpeed config with an
     'optimizer' block, the engine builds that one instead, so `optim` must not ask for another."""

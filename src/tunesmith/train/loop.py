@@ -8,11 +8,13 @@ micro-batches equals one batch k times larger (docs/ARCHITECTURE.md, "Loss").
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,14 @@ from tunesmith.data.batching import (
     Sample,
     collate,
     collate_padded,
+    pack_best_fit,
     pad_varlen,
     plan_micro_batches,
     split_varlen,
 )
 from tunesmith.data.encode import IGNORE_INDEX
+from tunesmith.data.store import sample_lengths
+from tunesmith.data.streaming import SampleStream
 from tunesmith.errors import UserError
 from tunesmith.model.finetune import apply_finetuning, base_dtype_for_training, final_save_kwargs
 from tunesmith.model.load import load_adapters, load_model, load_tokenizer
@@ -85,14 +90,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _to_samples(encoded: list[Any]) -> list[Sample]:
+def _to_samples(encoded: Sequence[Any]) -> Sequence[Sample]:
+    """The samples as the loop batches them: read from the token store one micro-batch at a time
+    (data held in memory, e.g. by tests, is wrapped as is)."""
+    if hasattr(encoded, "as_samples"):
+        return encoded.as_samples()
     return [Sample(e.input_ids, e.labels, i, e.weights) for i, e in enumerate(encoded)]
 
 
 class MicroBatches(torch.utils.data.Dataset):
     """The micro-batches one rank processes in one epoch, collated (in workers if asked)."""
 
-    def __init__(self, samples: list[Sample], plan: list[list[list[int]]], layout: str, pad_id: int) -> None:
+    def __init__(self, samples: Sequence[Sample], plan: list[list[list[int]]], layout: str, pad_id: int) -> None:
         self.samples, self.plan, self.layout, self.pad_id = samples, plan, layout, pad_id
 
     def __len__(self) -> int:
@@ -102,9 +111,10 @@ class MicroBatches(torch.utils.data.Dataset):
         return collate([[self.samples[j] for j in row] for row in self.plan[i]], self.pad_id, self.layout)
 
 
-def evaluate(module: torch.nn.Module, samples: list[Sample], cfg: RunConfig, pad_id: int, accelerator: Any) -> float:
+def evaluate(module: torch.nn.Module, samples: Sequence[Sample], cfg: RunConfig, pad_id: int,
+             accelerator: Any) -> float:
     """Token-weighted loss over the whole eval set (all ranks)."""
-    plan = plan_micro_batches([len(s.input_ids) for s in samples], batch_size=cfg.train.per_device_eval_batch_size,
+    plan = plan_micro_batches(sample_lengths(samples), batch_size=cfg.train.per_device_eval_batch_size,
                               seed=0, epoch=0, shuffle=False, packing=False, max_len=cfg.data.cutoff_len)
     mine = plan[accelerator.process_index :: accelerator.num_processes]
     # Every rank runs as many forwards as the busiest (the extra ones are not counted): ZeRO-3/FSDP
@@ -181,9 +191,9 @@ class RunSetup:
     out: Path
     resume_dir: Path | None
     tokenizer: Any
-    train_sources: list[tuple[str, int]]  # (dataset, row) of each training sample, for messages
-    train_samples: list[Sample]
-    eval_samples: list[Sample]
+    train_sources: Sequence[tuple[str, int]]  # (dataset, row) of each training sample, for messages
+    train_samples: Sequence[Sample]  # lazy: read from the token store when batched
+    eval_samples: Sequence[Sample]
     model: Any
 
     @property
@@ -248,10 +258,38 @@ def open_run(cfg: RunConfig, started: float) -> RunSetup:
     accelerator = distributed.make_accelerator(cfg, device, mixed)
     out, resume_dir = _take_output_dir(cfg, accelerator)
     set_seed(cfg.train.seed)
+    if cfg.data.streaming:
+        tokenizer, stream, evals = _open_stream(cfg, accelerator, out)
+        model = _load_model(cfg, accelerator, mixed)
+        return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, stream.sources, stream,
+                        _to_samples(evals), model)
     tokenizer, data = _load_data(cfg, accelerator, out)
     model = _load_model(cfg, accelerator, mixed)
-    return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, [e.source for e in data.train],
+    sources = data.train.sources if hasattr(data.train, "sources") else [e.source for e in data.train]
+    return RunSetup(cfg, started, accelerator, mixed, out, resume_dir, tokenizer, sources,
                     _to_samples(data.train), _to_samples(data.eval), model)
+
+
+PREFLIGHT_STREAM_SAMPLES = 256
+
+
+def _open_stream(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, SampleStream, list[Any]]:
+    """A streaming run's sample stream (read and tokenized while training), its eval samples (read
+    whole) and the preflight on the stream's first samples."""
+    import itertools
+
+    from tunesmith.data.preflight import preflight
+
+    tokenizer = load_tokenizer(cfg.model)
+    stream = SampleStream(cfg, tokenizer)
+    evals: list[Any] = []
+    if cfg.data.eval_dataset:
+        eval_cfg = copy.deepcopy(cfg)
+        eval_cfg.data.dataset, eval_cfg.data.shuffle = list(cfg.data.eval_dataset), False
+        evals = SampleStream(eval_cfg, tokenizer).first_pass()
+    first = list(itertools.islice(iter(SampleStream(cfg, tokenizer)), PREFLIGHT_STREAM_SAMPLES))
+    preflight(first, tokenizer, cfg, out if accelerator.is_main_process else None)
+    return tokenizer, stream, evals
 
 
 def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | None]:
@@ -268,18 +306,44 @@ def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | Non
 
 
 def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
-    """Tokenized once per node (its first process; the others read its cache, which lives on the
-    node's disk), then the preflight checks."""
-    from tunesmith.data.pipeline import tokenize_datasets
-    from tunesmith.data.preflight import preflight
+    """Tokenized once into the token store, every process tokenizing its share of the chunks and
+    polling the store for the rest (no collective waits out the tokenization); then the preflight."""
+    from tunesmith.data.pipeline import discard_store, tokenize_datasets
 
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.local_main_process_first():
-        data = tokenize_datasets(distributed.cache_reader_view(cfg, accelerator), tokenizer)
+    # The processes of one machine share its cache folder: they split the chunks among them, and
+    # each machine's first process completes the store (once, under a lock, where machines share
+    # the folder too).
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    rank = accelerator.local_process_index
+    view = cfg
+    if accelerator.num_processes > 1 and cfg.data.overwrite_cache:
+        if accelerator.is_local_main_process:  # before any process could open the old store
+            discard_store(_store_target(cfg, tokenizer))
+        accelerator.wait_for_everyone()
+        view = copy.copy(cfg)  # discarded once above: no process may discard what the others write
+        view.data = copy.copy(cfg.data)
+        view.data.overwrite_cache = False
+    data = tokenize_datasets(view, tokenizer, rank=rank, world=world)
+    return tokenizer, _checked(data, tokenizer, cfg, out, accelerator)
+
+
+def _store_target(cfg: RunConfig, tokenizer: Any) -> Path:
+    from tunesmith.data.pipeline import cache_key, data_fingerprint, store_target
+
+    d = cfg.data
+    eval_fp = data_fingerprint(list(d.eval_dataset or []), d.dataset_dir) if d.eval_dataset else ""
+    return store_target(cfg, cache_key(cfg, tokenizer, data_fingerprint(list(d.dataset or []), d.dataset_dir),
+                                       eval_fp))
+
+
+def _checked(data: Any, tokenizer: Any, cfg: RunConfig, out: Path, accelerator: Any) -> Any:
+    from tunesmith.data.preflight import preflight
+
     if not data.train:
         raise UserError("no training samples are left after tokenization (see the report above).")
     preflight(data.train, tokenizer, cfg, out if accelerator.is_main_process else None)
-    return tokenizer, data
+    return data
 
 
 def _load_model(cfg: RunConfig, accelerator: Any, mixed: str) -> Any:
@@ -303,9 +367,12 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
     flops = flop_counts(setup.model)
     module = SFTModule(setup.model)
     optimizer = distributed.build_optimizer(accelerator, _param_groups(module, t.weight_decay), cfg)  # AdamW
-    lengths = [len(s.input_ids) for s in setup.train_samples]
-    n_micro = len(plan_micro_batches(lengths, batch_size=t.per_device_train_batch_size, seed=t.seed, epoch=0,
-                                     shuffle=False, packing=setup.packing, max_len=cfg.data.cutoff_len))
+    if isinstance(setup.train_samples, SampleStream):  # one pass of the plan: the run's max_steps
+        n_micro = t.max_steps * t.gradient_accumulation_steps * accelerator.num_processes
+    else:
+        n_micro = len(plan_micro_batches(sample_lengths(setup.train_samples), batch_size=t.per_device_train_batch_size,
+                                         seed=t.seed, epoch=0, shuffle=False, packing=setup.packing,
+                                         max_len=cfg.data.cutoff_len))
     plan = make_plan(n_micro, cfg, accelerator.num_processes)
     warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * plan.total_steps)
     module, optimizer = distributed.prepare(accelerator, module, optimizer)
@@ -421,7 +488,7 @@ def train(trainer: Trainer) -> dict[str, Any]:
     setup, plan = trainer.setup, trainer.plan
     cfg, accelerator = setup.cfg, setup.accelerator
     trainer.module.train()
-    lengths = [len(s.input_ids) for s in setup.train_samples]
+    lengths = None if isinstance(setup.train_samples, SampleStream) else sample_lengths(setup.train_samples)
     first_step_seconds = None
     eval_loss = None
     step_started = time.time()
@@ -535,7 +602,8 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
         trainer.log.close()
         with final_save_kwargs(model) as extra:  # a PiSSA adapter is saved for the original base
             run_folder.write_final_outputs(
-                setup.out, lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered, **extra))
+                setup.out,
+                lambda staging: save_weights(model, setup.tokenizer, staging, accelerator, gathered, **extra))
         (setup.out / "train_results.json").write_text(json.dumps(results, indent=2))
         if setup.cfg.train.plot_loss:
             plot_loss(setup.out)
@@ -546,8 +614,8 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     return TrainResult(results, model)
 
 
-def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg: RunConfig, start_step: int,
-                 accelerator: Any, layout: str, pad_id: int
+def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int] | None, plan: StepPlan,
+                 cfg: RunConfig, start_step: int, accelerator: Any, layout: str, pad_id: int
                  ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]], float]]:
     """(step, this rank's collated micro-batches, their weight) from start_step on; a resumed run gets the same
     batches as an uninterrupted one because the order depends only on (seed, epoch)."""
@@ -561,6 +629,15 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
     # this many tokens bound the kernels (and put fp32 on oneDNN, train/kernels.py). Sharded runs
     # keep the library forwards, whose fp32 products don't take oneDNN.
     row_multiple = cpu_row_multiple(t.bf16) if on_cpu and not distributed.is_sharded(accelerator) else None
+
+    def pieces_of(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        pieces = split_varlen(batch, budget)
+        return [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces
+
+    if isinstance(samples, SampleStream):
+        yield from _stream_step_batches(samples, plan, cfg, start_step, accelerator, layout, pad_id, pieces_of)
+        return
+    assert lengths is not None
     step = start_step
     while step < plan.total_steps:
         epoch, within = divmod(step, plan.steps_per_epoch)
@@ -584,9 +661,36 @@ def step_batches(samples: list[Sample], lengths: list[int], plan: StepPlan, cfg:
                                                  generator=torch.Generator().manual_seed(t.seed))) if workers \
             else (dataset[i] for i in range(len(dataset)))
         for mine, weight in chosen:
-            pieces = [piece for _ in mine for piece in split_varlen(next(items), budget)]
-            yield step, [pad_varlen(p, row_multiple, pad_id) for p in pieces] if row_multiple else pieces, weight
+            yield step, [piece for _ in mine for piece in pieces_of(next(items))], weight
             step += 1
+
+
+def _stream_step_batches(stream: SampleStream, plan: StepPlan, cfg: RunConfig, start_step: int, accelerator: Any,
+                         layout: str, pad_id: int, pieces_of: Any
+                         ) -> Iterator[tuple[int, list[dict[str, torch.Tensor]], float]]:
+    """A streaming run's steps: each takes the next micro_per_step x batch_size samples of the
+    stream (every rank reads the same stream and collates its own micro-batches of them). A resumed
+    run starts at the stream position the interrupted one had reached."""
+    t, world, rank = cfg.train, accelerator.num_processes, accelerator.process_index
+    size = t.per_device_train_batch_size
+    per_step = plan.micro_per_step * size
+    samples = stream.samples(start=start_step * per_step)
+    packed = layout in ("masked", "concat")
+    for step in range(start_step, plan.total_steps):
+        taken = [next(samples) for _ in range(per_step)]
+        micro = []
+        for k in range(plan.micro_per_step):
+            local = list(range(k * size, (k + 1) * size))
+            rows = [[local[i] for i in row] for row in pack_best_fit([len(taken[j].input_ids) for j in local],
+                                                                     cfg.data.cutoff_len)] if packed \
+                else [[j] for j in local]
+            micro.append(rows)
+        # A rank with no micro-batch in this step still joins its collectives: it runs the step's
+        # first micro-batch with weight 0 (as step_batches does).
+        mine = micro[rank::world]
+        weight = 1.0 if mine else 0.0
+        dataset = MicroBatches(taken, mine or micro[:1], layout, pad_id)
+        yield step, [piece for i in range(len(dataset)) for piece in pieces_of(dataset[i])], weight
 
 
 def _save_checkpoint(trainer: Trainer, step: int) -> None:

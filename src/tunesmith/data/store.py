@@ -1,0 +1,272 @@
+"""The token store: tokenized samples on disk as numpy files, read lazily through memory maps.
+
+A store folder holds one sub-folder per chunk of input rows (`chunks/<split>-<number>`), each
+written whole into a temporary sibling and renamed into place, so a chunk that exists is
+complete; `meta.json` is written last and marks the whole store complete. A chunk holds:
+
+- `ids.npy` (int32) and `trained.npy` (bool): the tokens of its samples laid end to end, and
+  whether each token is trained (its label is its id, else -100);
+- `weights.npy` (float32), only in a chunk where some sample sets per-token loss weights
+  (messages with `loss_weight`): every token's weight, 1 for samples without weights;
+- `index.npy`: one record per sample: length, start in ids.npy, dataset, row, trained-token
+  count and flags (truncated, and the facts the preflight checks read);
+- `summary.json`: the rows the chunk read, the rows it dropped (with reasons) and the rows it
+  could not read (with file, row, line and column), and the columns it saw.
+
+Opening a store maps the token files and reads the small index arrays: memory does not grow with
+the number of tokens, and per-sample Python objects exist only for the samples asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from tunesmith.data.batching import Sample
+from tunesmith.data.encode import IGNORE_INDEX, Encoded
+
+STORE_FORMAT = "3"
+INDEX_DTYPE = np.dtype([("length", np.int32), ("start", np.int64), ("dataset", np.int32), ("row", np.int64),
+                        ("trained", np.int32), ("flags", np.uint8)])
+
+# Per-sample flags (the preflight reads them instead of every token).
+TRUNCATED = 1
+END_OF_TURN_TRAINED = 2
+HAS_EOS = 4
+EOS_TRAINED = 8
+DOUBLE_BOS = 16
+WEIGHTED = 32  # the sample has per-token loss weights (in the chunk's weights.npy)
+
+
+def chunk_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}"
+
+
+def chunk_done(folder: Path, split: str, number: int) -> bool:
+    return (folder / "chunks" / chunk_name(split, number) / "summary.json").exists()
+
+
+def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded], dataset_ids: Sequence[int],
+                flags_of: Callable[[np.ndarray, np.ndarray, bool], int], summary: dict[str, Any]) -> None:
+    """One chunk's files, written into a temporary folder and renamed into place (atomic).
+    flags_of(ids, labels, truncated) gives a sample's flags (data/preflight.py FlagRules)."""
+    chunks = folder / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    final = chunks / chunk_name(split, number)
+    tmp = chunks / f".tmp-{chunk_name(split, number)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # array.extend copies a list of ints at C speed (numpy.fromiter over a generator is ~50x slower).
+    ids_buf, labels_buf = array("q"), array("q")
+    for s in samples:
+        ids_buf.extend(s.input_ids)
+        labels_buf.extend(s.labels)
+    all_ids = np.frombuffer(ids_buf, dtype=np.int64) if len(ids_buf) else np.zeros(0, dtype=np.int64)
+    all_labels = np.frombuffer(labels_buf, dtype=np.int64) if len(labels_buf) else np.zeros(0, dtype=np.int64)
+    ids = all_ids.astype(np.int32)
+    trained = all_labels != IGNORE_INDEX
+    index = np.zeros(len(samples), dtype=INDEX_DTYPE)
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    index["length"] = lengths
+    starts = np.zeros(len(samples), dtype=np.int64)
+    if len(samples):
+        starts[1:] = np.cumsum(lengths)[:-1]
+        index["trained"] = np.add.reduceat(trained.astype(np.int32), starts) if len(ids) else 0
+    index["start"] = starts
+    index["dataset"] = np.asarray(dataset_ids, dtype=np.int32)
+    index["row"] = np.fromiter((s.source[1] for s in samples), dtype=np.int64, count=len(samples))
+    index["flags"] = [flags_of(all_ids[a : a + n], all_labels[a : a + n], s.truncated)
+                      | (WEIGHTED if s.weights is not None else 0)
+                      for a, n, s in zip(starts.tolist(), lengths.tolist(), samples, strict=True)]
+    np.save(tmp / "ids.npy", ids)
+    np.save(tmp / "trained.npy", trained)
+    if any(s.weights is not None for s in samples):  # only data that sets loss_weight stores weights
+        weights_buf = array("f")
+        for s in samples:
+            weights_buf.extend(s.weights if s.weights is not None else [1.0] * len(s.input_ids))
+        np.save(tmp / "weights.npy", np.frombuffer(weights_buf, dtype=np.float32))
+    np.save(tmp / "index.npy", index)
+    (tmp / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    if final.exists():  # written by another process meanwhile: same inputs, same content
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            raise
+
+
+def chunk_summaries(folder: Path, split: str) -> list[dict[str, Any]]:
+    return [json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in _chunk_dirs(folder, split)]
+
+
+def _chunk_dirs(folder: Path, split: str) -> list[Path]:
+    chunks = folder / "chunks"
+    if not chunks.is_dir():
+        return []
+    return sorted(d for d in chunks.iterdir() if d.name.startswith(f"{split}-") and (d / "summary.json").exists())
+
+
+class StoreSplit:
+    """Every sample of one split (train or eval data) of a store, in dataset order."""
+
+    def __init__(self, folder: Path, split: str, datasets: list[str]) -> None:
+        self.datasets = datasets
+        self._dirs = _chunk_dirs(Path(folder), split)
+        # Token files are mapped when a chunk is first read (opening a store maps none of them).
+        self._ids: list[np.ndarray | None] = [None] * len(self._dirs)
+        self._trained: list[np.ndarray | None] = [None] * len(self._dirs)
+        self._weights: list[np.ndarray | None] = [None] * len(self._dirs)
+        indexes = [np.load(d / "index.npy") for d in self._dirs]
+        counts = np.array([len(x) for x in indexes], dtype=np.int64)
+        self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, trained) of sample i, as views of the mapped files."""
+        chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
+        rec = self.index[i]
+        start, length = int(rec["start"]), int(rec["length"])
+        ids, trained = self._ids[chunk], self._trained[chunk]
+        if ids is None or trained is None:
+            ids = self._ids[chunk] = np.load(self._dirs[chunk] / "ids.npy", mmap_mode="r")
+            trained = self._trained[chunk] = np.load(self._dirs[chunk] / "trained.npy", mmap_mode="r")
+        return ids[start : start + length], trained[start : start + length]
+
+    def weights(self, i: int) -> list[float] | None:
+        """Per-token loss weights of sample i, or None when it has none (all 1)."""
+        rec = self.index[i]
+        if not rec["flags"] & WEIGHTED:
+            return None
+        chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
+        weights = self._weights[chunk]
+        if weights is None:
+            weights = self._weights[chunk] = np.load(self._dirs[chunk] / "weights.npy", mmap_mode="r")
+        start = int(rec["start"])
+        return weights[start : start + int(rec["length"])].tolist()
+
+
+class SampleView(Sequence[Encoded]):
+    """A lazy sequence of Encoded samples over a store split, optionally through an index array
+    (the train or eval part of a val_size split). Only the samples asked for become Python lists."""
+
+    def __init__(self, split: StoreSplit, positions: np.ndarray | None = None) -> None:
+        self._split = split
+        self._positions = positions
+
+    def _pos(self, i: int) -> int:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return int(self._positions[i]) if self._positions is not None else i
+
+    def __len__(self) -> int:
+        return len(self._positions) if self._positions is not None else len(self._split)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Encoded]: ...
+
+    def __getitem__(self, i: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        p = self._pos(i)
+        ids, trained = self._split.tokens(p)
+        id_list = ids.tolist()
+        labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+        rec = self._split.index[p]
+        return Encoded(input_ids=id_list, labels=labels,
+                       source=(self._split.datasets[int(rec["dataset"])], int(rec["row"])),
+                       truncated=bool(rec["flags"] & TRUNCATED), weights=self._split.weights(p))
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def records(self) -> np.ndarray:
+        """The index records (length, dataset, row, trained, flags) of these samples, in order."""
+        return self._split.index if self._positions is None else self._split.index[self._positions]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.records["length"].astype(np.int64)
+
+    @property
+    def sources(self) -> SourceList:
+        return SourceList(self)
+
+    def source(self, i: int) -> tuple[str, int]:
+        rec = self._split.index[self._pos(i)]
+        return self._split.datasets[int(rec["dataset"])], int(rec["row"])
+
+    def training_sample(self, i: int) -> Sample:
+        p = self._pos(i)
+        ids, trained = self._split.tokens(p)
+        return Sample(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), i, self._split.weights(p))
+
+    def as_samples(self) -> TrainingSamples:
+        return TrainingSamples(self)
+
+
+class SourceList(Sequence[tuple[str, int]]):
+    """(dataset, row) of each sample of a view, made on demand (for messages about a sample)."""
+
+    def __init__(self, view: SampleView) -> None:
+        self._view = view
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._view.source(k) for k in range(*i.indices(len(self)))]
+        return self._view.source(i)
+
+
+class TrainingSamples(Sequence[Sample]):
+    """The samples the training loop batches, read from the store when a micro-batch is built;
+    `lengths` (numpy) is all the planner needs."""
+
+    def __init__(self, view: SampleView) -> None:
+        self._view = view
+        self.lengths = view.lengths
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._view.training_sample(k) for k in range(*i.indices(len(self)))]
+        return self._view.training_sample(i)
+
+
+def sample_lengths(samples: Sequence[Any]) -> np.ndarray:
+    """Token counts of a sequence of samples: the stored array when the samples come from a store."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
