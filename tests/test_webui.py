@@ -189,7 +189,7 @@ def test_train_watch_chat_export_in_the_browser(page, tmp_path, default_model_di
     _wait_text(page, "train-preview-note", r"1 dataset\(s\)")
     _choose(page, "train-dataset", "identity")
     _wait_text(page, "train-preview-note", r"First 5 rows of identity")
-    assert "Hello! I am {{name}}" in _text(page, "train-preview")
+    assert "I am {{name}}, an AI assistant developed by {{author}}" in _text(page, "train-preview")
     steps = 300 if DOCS_SCREENSHOT else 40  # a longer run leaves time for the screenshot
     for key, value in {"learning_rate": 0.002, "max_steps": steps, "cutoff_len": 256, "max_samples": 24}.items():
         _fill(page, f"train-{key}", value)
