@@ -478,7 +478,7 @@ def cpu_main(args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (OUT / f"peers-{stamp}.json").write_text(json.dumps({"results": results, "unavailable": unavailable,
                                                          "peaks": peaks, "flops_per_token": flops_per_token,
-                                                         "args": vars(args)}, indent=1))
+                                                         "args": vars(args)}, indent=1, default=str))
 
 
 def gpu_main(args: argparse.Namespace) -> None:
