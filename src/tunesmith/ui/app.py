@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from tunesmith.run_folder import RUN_MARKERS, list_checkpoints
 from tunesmith.template import template_names
 from tunesmith.ui import form
 from tunesmith.ui.evaluate_tab import build_evaluate_tab
-from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text
+from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text, follow_command
 from tunesmith.ui.workspace import Workspace
 
 # The Train form, by section; every other key goes in the "More keys" box as YAML.
@@ -239,27 +237,16 @@ class WebUI:
         path = self.scratch_file("export-")
         path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}, sort_keys=False),
                         encoding="utf-8")
-        command = [sys.executable, "-m", "tunesmith", "export", str(path)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        lines: list[str] = []
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                lines.append(line.rstrip("\n").split("\r")[-1])
-                yield "\n".join(lines[-200:]), "**Exporting…**"
-        finally:
-            if process.poll() is None:  # the page went away: the export finishes on its own
-                threading.Thread(target=process.wait, daemon=True).start()
-        code = process.wait()
-        console = "\n".join(lines)
+        for console, working, code in follow_command(["export", str(path)], "**Exporting…**"):
+            if code is None:
+                yield console, working
         if code != 0:
             yield console, _error_block(error_text(console) or f"tunesmith export exited with code {code}")
             return
         out = Path(settings["export_dir"]).expanduser().resolve()
         files = sorted(p for p in out.iterdir() if p.is_file())
         listing = "\n".join(f"| `{p.name}` | {_size(p.stat().st_size)} |" for p in files)
-        verified = next((line for line in lines if line.startswith("Verified:")), "")
+        verified = "  \n".join(line for line in console.splitlines() if line.startswith("Verified:"))
         yield console, (f"**Exported and verified** to `{out}`  \n{verified}\n\n| file | size |\n|---|---|\n"
                         f"{listing}")
 

@@ -7,11 +7,7 @@ files go to a fresh folder inside the server's work folder, never to a path type
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +16,7 @@ from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import UserError
 from tunesmith.loading import settings_for
 from tunesmith.ui import form
-from tunesmith.ui.runs import error_text
+from tunesmith.ui.runs import error_text, follow_command
 
 METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "samples", "samples_per_second")
 
@@ -44,22 +40,10 @@ def run_eval(work_dir: Path, settings: dict[str, Any], compare_base: bool) -> It
     config = folder / "eval.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v not in (None, "")}, sort_keys=False),
                       encoding="utf-8")
-    command = [sys.executable, "-m", "tunesmith", "eval", str(config), "--out", str(folder)]
-    if compare_base:
-        command.append("--compare-base")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines: list[str] = []
-    assert process.stdout is not None
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n").split("\r")[-1])
-            yield "\n".join(lines[-200:]), "**Evaluating…**"
-    finally:
-        if process.poll() is None:  # the page went away: the run finishes on its own
-            threading.Thread(target=process.wait, daemon=True).start()
-    code = process.wait()
-    console = "\n".join(lines)
+    args = ["eval", str(config), "--out", str(folder)] + (["--compare-base"] if compare_base else [])
+    for console, working, code in follow_command(args, "**Evaluating…**"):
+        if code is None:
+            yield console, working
     if code != 0:
         text = error_text(console) or f"tunesmith eval exited with code {code}"
         yield console, f"```text\n{text.replace('```', '` ` `')}\n```"

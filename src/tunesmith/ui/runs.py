@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,24 @@ def console_text(output_dir: Path, max_lines: int = 200) -> str:
     while lines and not lines[-1].strip():
         lines.pop()
     return "\n".join(lines[-max_lines:])
+
+
+def follow_command(args: list[str], working: str) -> Iterator[tuple[str, str, int | None]]:
+    """Run `tunesmith ARGS` and yield (console so far, `working`, None) as it prints, then
+    (console, "", exit code). If the page goes away first, the command finishes on its own."""
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list[str] = []
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n").split("\r")[-1])
+            yield "\n".join(lines[-200:]), working, None
+    finally:
+        if process.poll() is None:
+            threading.Thread(target=process.wait, daemon=True).start()
+    yield "\n".join(lines), "", process.wait()
 
 
 def error_text(console: str) -> str | None:
