@@ -154,7 +154,8 @@ def held_out(n: int, val_size: float, seed: int, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------- fingerprint
 
 def data_fingerprint(names: list[str], dataset_dir: str) -> str:
-    """Hash of the named datasets' resolved registry entries and their files' bytes (not mtimes)."""
+    """Hash of the named datasets' resolved registry entries, their files' bytes (not mtimes) and
+    their full paths: the stored report names bad rows by file, so a copy elsewhere is its own store."""
     from tunesmith.data.registry import resolve_datasets
 
     h = hashlib.sha256()
@@ -162,7 +163,7 @@ def data_fingerprint(names: list[str], dataset_dir: str) -> str:
         entry = {k: v for k, v in asdict(spec).items() if k != "paths"}
         h.update(json.dumps(entry, sort_keys=True, default=str).encode())
         for path in spec.paths:
-            h.update(path.name.encode() + b"\0")
+            h.update(str(Path(path).resolve()).encode() + b"\0")
             h.update(file_hash(path).encode())
     return h.hexdigest()
 
