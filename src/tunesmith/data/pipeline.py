@@ -64,12 +64,7 @@ class SplitReport:
                   dropped_examples=[(d.source[0], d.source[1], d.reason) for d in dropped[:MAX_DROP_EXAMPLES]],
                   truncated=sum(s.truncated for s in kept),
                   trained_tokens=sum(s.trained_tokens for s in kept), tokens=int(lengths.sum()))
-        if len(lengths):
-            rep.length_min, rep.length_max = int(lengths.min()), int(lengths.max())
-            rep.length_mean = float(lengths.mean())
-            rep.length_p50 = int(np.percentile(lengths, 50, method="lower"))
-            rep.length_p90 = int(np.percentile(lengths, 90, method="lower"))
-        return rep
+        return rep.with_lengths(lengths)
 
     @classmethod
     def from_records(cls, records: np.ndarray, dropped: Sequence[Sequence[Any]]) -> SplitReport:
@@ -79,12 +74,16 @@ class SplitReport:
                   dropped_examples=[(str(d[0]), int(d[1]), str(d[2])) for d in dropped[:MAX_DROP_EXAMPLES]],
                   truncated=int(((records["flags"] & store.TRUNCATED) != 0).sum()),
                   trained_tokens=int(records["trained"].astype(np.int64).sum()), tokens=int(lengths.sum()))
+        return rep.with_lengths(lengths)
+
+    def with_lengths(self, lengths: np.ndarray) -> SplitReport:
+        """Fill in the length statistics of the kept samples."""
         if len(lengths):
-            rep.length_min, rep.length_max = int(lengths.min()), int(lengths.max())
-            rep.length_mean = float(lengths.mean())
-            rep.length_p50 = int(np.percentile(lengths, 50, method="lower"))
-            rep.length_p90 = int(np.percentile(lengths, 90, method="lower"))
-        return rep
+            self.length_min, self.length_max = int(lengths.min()), int(lengths.max())
+            self.length_mean = float(lengths.mean())
+            self.length_p50 = int(np.percentile(lengths, 50, method="lower"))
+            self.length_p90 = int(np.percentile(lengths, 90, method="lower"))
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitReport:
