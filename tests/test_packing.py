@@ -379,3 +379,52 @@ def test_packing_contamination_config():
         load_config(None, {"packing_contamination": "sometimes"})
     with pytest.raises(UserError, match="'neat_packing: true'.*'packing_contamination: true'.*choose one"):
         load_config(None, {"packing_contamination": True, "neat_packing": True})
+
+
+def test_sample_slots_place_each_sample_at_the_start_of_its_own_row():
+    from tunesmith.train.attention import sample_slots
+
+    slots = sample_slots(torch.tensor([0, 3, 3, 8, 10]))  # lengths 3, 0, 5, 2: longest 5
+    assert slots.tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15, 16]
+
+
+def test_accelerator_batches_get_one_call_slots_and_host_bounds():
+    """Off the CPU the varlen kernel must not read bounds from the device nor loop over samples:
+    to_device builds both once per batch ("meta" stands in for an accelerator)."""
+    from tunesmith.train.attention import HOST_BOUNDS, SAMPLE_SLOTS
+    from tunesmith.train.distributed import to_device
+
+    batch = collate([[sample(0, 3, 11), sample(1, 50, 9)]], 0, "varlen")
+    on_cpu = to_device(batch, torch.device("cpu"))
+    assert SAMPLE_SLOTS not in on_cpu and on_cpu[HOST_BOUNDS].device.type == "cpu"
+    moved = to_device(batch, torch.device("meta"))
+    assert moved[HOST_BOUNDS].device.type == "cpu" and moved["input_ids"].device.type == "meta"
+    assert moved[SAMPLE_SLOTS].device.type == "meta" and moved[SAMPLE_SLOTS].shape == (20,)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_one_call_varlen_equals_the_per_sample_path(dtype, tolerance):
+    """The accelerator path (all samples in one padded causal call), run here on the CPU: same logits
+    and same gradients as one sdpa call per sample, and samples still do not see each other."""
+    from tunesmith.train.attention import SAMPLE_SLOTS, sample_slots
+
+    model = tiny_llama("sdpa").to(dtype)
+    assert choose_layout(model, packing=False) == "varlen"
+    samples = [sample(0, 3, 11), sample(1, 50, 9), sample(2, 80, 4)]
+    batch = collate([samples], 0, "varlen")
+    results = []
+    for one_call in (False, True):
+        if one_call:
+            batch[SAMPLE_SLOTS] = sample_slots(batch["cu_seq_lens_q"])
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"], use_cache=False, **forward_kwargs(model, batch)).logits
+        out.float().square().mean().backward()
+        results.append((out.detach().float(), [p.grad.float().clone() for p in model.parameters()]))
+    (loop_out, loop_grads), (one_out, one_grads) = results
+    scale = loop_out.abs().max()
+    assert (one_out - loop_out).abs().max() < tolerance * scale
+    grad_scale = max(g.abs().max() for g in loop_grads)
+    for mine, theirs in zip(one_grads, loop_grads, strict=True):
+        assert (mine - theirs).abs().max() < tolerance * grad_scale
+    alone = model(input_ids=collate([[samples[1]]], 0, "padded")["input_ids"], use_cache=False).logits
+    assert (one_out[0, 11:20] - alone[0].detach().float()).abs().max() < tolerance * scale

@@ -4,9 +4,12 @@
 A padding-free micro-batch (data/batching.py, layout "varlen") is one row of samples laid end to
 end plus their boundaries `cu_seq_lens_q/k`. Flash attention 2 takes those boundaries natively
 (transformers passes them to `flash_attn_varlen_func`). For sdpa we register one more attention
-implementation with transformers' AttentionInterface: it runs sdpa causally on each sample's
-slice, so no work goes to the masked blocks between samples and no (T x T) mask is built. Any
-batch without boundaries (padded batches, eval, generation) goes to transformers' own sdpa.
+implementation with transformers' AttentionInterface: on the CPU it runs sdpa causally on each
+sample's slice, so no work goes to the masked blocks between samples and no (T x T) mask is built.
+On an accelerator, where a Python loop of small kernel launches per layer costs more than some
+padding, the samples are scattered into one (samples x longest) batch and attended in one causal
+sdpa call (sample_slots). Any batch without boundaries (padded batches, eval, generation) goes to
+transformers' own sdpa.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ VARLEN_SDPA = "tunesmith_varlen_sdpa"
 CPU_BF16_ATTENTION = "matmul"
 # A host copy of cu_seq_lens_q that the training step adds to a batch on the GPU (distributed.to_device).
 HOST_BOUNDS = "cu_seq_lens_host"
+# Where each token of a varlen row goes in a (samples x longest sample) batch, built once per batch on
+# the device (sample_slots); its presence selects the one-call path in varlen_sdpa_attention.
+SAMPLE_SLOTS = "varlen_sample_slots"
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -92,6 +98,37 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return _CAUSAL_MATMUL.apply(query, key, value, scaling)[:, :, :length].transpose(1, 2)
 
 
+def sample_slots(bounds: torch.Tensor) -> torch.Tensor:
+    """For boundaries [0, b1, ..., T] on the host: token t of sample i goes to slot i * longest + (t - b_i)."""
+    import torch
+
+    lengths = bounds[1:] - bounds[:-1]
+    longest = int(lengths.max()) if len(lengths) else 0
+    starts = torch.repeat_interleave(torch.arange(len(lengths)) * longest - bounds[:-1], lengths)
+    return starts + torch.arange(int(bounds[-1]))
+
+
+def _one_call_varlen(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     bounds: torch.Tensor, slots: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """All samples of a row in one causal sdpa call: each sample starts its own row of the batch, the
+    padding after it lies in the future of all its queries (hidden by the causal mask), and the
+    padding queries' outputs are never gathered back. Returns (1, T, heads, d) like the per-sample path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    samples = len(bounds) - 1
+    longest = int((bounds[1:] - bounds[:-1]).max())
+
+    def scatter(t: torch.Tensor) -> torch.Tensor:
+        heads, dim = t.shape[1], t.shape[3]
+        batch = t.new_zeros(heads, samples * longest, dim)
+        batch[:, slots] = t[0]
+        return batch.view(heads, samples, longest, dim).transpose(0, 1)
+
+    out = sdpa_attention_forward(module, scatter(query), scatter(key), scatter(value), None,
+                                 is_causal=True, **kwargs)[0]  # (samples, longest, heads, d)
+    return out.reshape(samples * longest, *out.shape[2:])[slots][None]
+
+
 def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None,
@@ -102,10 +139,14 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
     kwargs.pop("max_length_q", None)
     kwargs.pop("max_length_k", None)
+    slots = kwargs.pop("sample_slots", None)
     whole_rows = query.shape[0] == 1 and query.shape[2] == key.shape[2] and attention_mask is None
     if cu_seq_lens_q is None or not whole_rows:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if slots is not None:
+        return _one_call_varlen(module, query, key, value, cu_seq_lens_q, slots, dropout=dropout,
+                                scaling=scaling, **kwargs), None
     dtype = query.dtype
     bounds = cu_seq_lens_q.tolist()
     cpu_bf16 = query.device.type == "cpu" and dtype == torch.bfloat16
@@ -188,6 +229,8 @@ def forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
         if implementation == VARLEN_SDPA:
             # The per-sample kernel slices by the boundaries in every layer: from the host, no device sync.
             kwargs["cu_seq_lens_q"] = batch.get(HOST_BOUNDS, batch["cu_seq_lens_q"])
+            if SAMPLE_SLOTS in batch:
+                kwargs["sample_slots"] = batch[SAMPLE_SLOTS]
             # An all-ones padding mask makes transformers skip building a (T x T) packed mask that
             # the per-sample kernel would ignore anyway.
             kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])
