@@ -3,9 +3,11 @@
     python bench/data_scale.py                          # 20k, 200k and 1M rows, both sides
     python bench/data_scale.py --rows 20000,200000 --sides tunesmith   # memory flatness only
 
-Data: Alpaca-style JSON Lines of N rows made from the project's own data (alpaca_en_demo and
-identity), every row made different by a numbered variation of its instruction. Both tools run
-`train` on the default model, LoRA, cutoff 512, `preprocessing_num_workers` workers, max_steps 1,
+Data: Alpaca-style JSON Lines of N rows made from the repository's own data (data/alpaca_demo.json
+and data/identity.json), every row made different by a numbered variation of its instruction.
+Both tools run `train` on the default model, LoRA, cutoff 512, `preprocessing_num_workers`
+workers, max_steps 1, activations recomputed in backward (LLaMA-Factory's default; tunesmith's
+`gradient_checkpointing: true`), so that peak memory compares the data paths,
 each as a subprocess whose peak RSS (getrusage of the child, the largest of it and its workers)
 and wall time are recorded. LLaMA-Factory lives in bench/venvs/llamafactory (bench/peers.py
 installs it on first use) and is run with a fresh datasets cache, so both tokenize afresh.
@@ -35,27 +37,31 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "data"
 OUT = HERE / "out" / "data_scale"
 sys.path.insert(0, str(HERE))
 
 
 def make_rows(rows: int, folder: Path) -> Path:
-    """N distinct Alpaca rows as JSON Lines (made once per size)."""
+    """N distinct Alpaca rows as JSON Lines (made once per size) from the repository's own data: a
+    numbered variation of one demo row's instruction, answered by 1 to 8 demo answers joined, so
+    lengths spread like real data (about 200 tokens a row with the template, up to the cutoff)."""
     path = folder / f"alpaca_{rows}.jsonl"
     if path.exists():
         return path
-    base = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))
-    base += [{"instruction": r["instruction"], "input": "", "output": r["output"]}
+    base = json.loads((DATA / "alpaca_demo.json").read_text(encoding="utf-8"))
+    base += [{"instruction": r["instruction"], "input": "",
+              "output": r["output"].replace("{{name}}", "Tunesmith").replace("{{author}}", "the tunesmith team")}
              for r in json.loads((DATA / "identity.json").read_text(encoding="utf-8"))]
     rng = random.Random(rows)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for i in range(rows):
-            row = dict(base[rng.randrange(len(base))])
-            row["instruction"] = f"{row['instruction']} (variation {i})"
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row = base[rng.randrange(len(base))]
+            answers = [base[rng.randrange(len(base))]["output"] for _ in range(rng.randint(1, 8))]
+            fh.write(json.dumps({"instruction": f"{row['instruction']} (variation {i})", "input": row["input"],
+                                 "output": "\n\n".join([row["output"], *answers[1:]])}, ensure_ascii=False) + "\n")
     tmp.rename(path)
     return path
 
@@ -90,7 +96,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
 def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, model: str, extra: dict | None = None,
                   kill_when: object = None, name: str = "run") -> dict:
     cfg = {"model_name_or_path": model, "dataset": "bench", "dataset_dir": str(data), "cutoff_len": 512,
-           "finetuning_type": "lora",
+           "finetuning_type": "lora", "gradient_checkpointing": True,
            "max_steps": 1, "per_device_train_batch_size": 1, "preprocessing_num_workers": workers,
            "output_dir": str(out / name), "overwrite_output_dir": True, "save_steps": 0, "report_to": "none",
            "plot_loss": False, **(extra or {})}

@@ -323,3 +323,21 @@ def test_streaming_run_trains_and_needs_max_steps(tmp_path, tiny_model_dir, repo
     assert result.metrics["global_step"] == 3 and result.metrics["train_samples"] == 6
     assert not (cache_home / "tokenized").exists()  # nothing stored
     shutil.rmtree(tmp_path / "o")
+
+
+def test_workers_batched_tokenizer_calls_encode_every_repo_dataset_like_the_tokenizer(tokenizer, repo_data):
+    """The store's workers send a conversation's pieces to the Rust backend in one call
+    (chunks.DirectTokenizer); every sample of every repository dataset (multi-turn, tool calls,
+    two languages) must come out as the tokenizer itself encodes it."""
+    fast = chunks.direct_if_same(tokenizer)
+    assert isinstance(fast, chunks.DirectTokenizer)
+    names = json.loads((repo_data / "dataset_info.json").read_text())
+    cfg = load_config(None, {"model_name_or_path": "x", "dataset": "identity", "cutoff_len": 64})  # cuts some
+
+    def outcome(result):
+        return as_tuples([result]) if isinstance(result, Encoded) else (result.source, result.reason)
+    for name in names:
+        convs = load_conversations(name, repo_data)
+        assert convs, name
+        for conv in convs:
+            assert outcome(encode(conv, fast, cfg.data)) == outcome(encode(conv, tokenizer, cfg.data)), name

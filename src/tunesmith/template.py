@@ -722,7 +722,8 @@ def answer_spans(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, a
     spans: list[tuple[int, int]] = []
     for i in turns:
         start_text = render(messages[:i], tokenizer, add_generation_prompt=True, tools=conv.tools) if i else ""
-        end_text = render(messages[: i + 1], tokenizer, tools=conv.tools)
+        last = i + 1 == len(messages) and not add_generation_prompt
+        end_text = text if last else render(messages[: i + 1], tokenizer, tools=conv.tools)  # same call as `text`
         if not (text.startswith(end_text) and end_text.startswith(start_text)):
             # Templates that close the whole text after the last turn (an eos) still nest up to it.
             if text.startswith(end_text):

@@ -70,14 +70,19 @@ class DirectTokenizer:
 
     def __call__(self, text: Any, *args: Any, add_special_tokens: bool = True,
                  return_offsets_mapping: bool = False, **kwargs: Any) -> Any:
-        if not isinstance(text, str) or args or kwargs or add_special_tokens:
+        if args or kwargs or add_special_tokens:
             return self.wrapped(text, *args, add_special_tokens=add_special_tokens,
-                                   return_offsets_mapping=return_offsets_mapping, **kwargs)
-        enc = self._backend.encode(text, add_special_tokens=False)
-        out = {"input_ids": enc.ids, "attention_mask": [1] * len(enc.ids)}
-        if return_offsets_mapping:
-            out["offset_mapping"] = enc.offsets
-        return out
+                                return_offsets_mapping=return_offsets_mapping, **kwargs)
+        if isinstance(text, str):
+            enc = self._backend.encode(text, add_special_tokens=False)
+            out = {"input_ids": enc.ids, "attention_mask": [1] * len(enc.ids)}
+            if return_offsets_mapping:
+                out["offset_mapping"] = enc.offsets
+            return out
+        if isinstance(text, list) and not return_offsets_mapping and all(isinstance(t, str) for t in text):
+            # A conversation's pieces (template.encode_segments): one backend call for all of them.
+            return {"input_ids": [enc.ids for enc in self._backend.encode_batch(text, add_special_tokens=False)]}
+        return self.wrapped(text, add_special_tokens=False, return_offsets_mapping=return_offsets_mapping)
 
 
 PROBES = ["Hello, world!  Two  spaces\n\nand lines.", "<|im_start|>user\nDe quoi s'agit-il ? 数字 42<|im_end|>\n",
@@ -96,6 +101,10 @@ def direct_if_same(tokenizer: Any) -> Any:
         if list(want["input_ids"]) != list(got["input_ids"]) or \
                 [tuple(o) for o in want["offset_mapping"]] != [tuple(o) for o in got["offset_mapping"]]:
             return tokenizer
+    want_batch = tokenizer(PROBES, add_special_tokens=False)["input_ids"]
+    got_batch = direct(PROBES, add_special_tokens=False)["input_ids"]
+    if [list(ids) for ids in want_batch] != [list(ids) for ids in got_batch]:
+        return tokenizer
     return direct
 
 

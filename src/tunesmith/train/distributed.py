@@ -420,6 +420,16 @@ def is_deepspeed(accelerator: Any) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def unwrap(accelerator: Any, module: Any) -> Any:
+    """The module without its DDP/FSDP/DeepSpeed wrapper. A single plain process has none, and
+    asking accelerate would import DeepSpeed (2-3 s of start-up) only to find that out."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.NO:
+        return module
+    return accelerator.unwrap_model(module)
+
+
 def is_fsdp(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
@@ -589,7 +599,7 @@ def gather_state_dict(accelerator: Any, module: Any, *, trainable_only: bool = F
 def _gather_trainable(accelerator: Any, module: Any) -> dict[str, torch.Tensor]:
     """The trainable parameters, whole, on the main process (empty elsewhere): ZeRO-3 gathers them
     as a group; FSDP2 assembles each sharded tensor (a collective per parameter, on every rank)."""
-    named = [(n, p) for n, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in unwrap(accelerator, module).named_parameters() if p.requires_grad]
     main = accelerator.is_main_process
     if is_deepspeed(accelerator):
         import deepspeed

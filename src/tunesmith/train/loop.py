@@ -141,7 +141,7 @@ def save_weights(model: Any, tokenizer: Any, folder: Path, accelerator: Any,
     the weights collected from ZeRO-3/FSDP shards by every rank (distributed.gather_state_dict);
     otherwise the model's own parameters are whole and are saved as they are. `save_kwargs` go to
     save_pretrained (a PiSSA run's final save converts its adapter: finetune.final_save_kwargs)."""
-    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=gathered, safe_serialization=True,
+    distributed.unwrap(accelerator, model).save_pretrained(folder, state_dict=gathered, safe_serialization=True,
                                                     **save_kwargs)
     tokenizer.save_pretrained(folder)
 
@@ -385,7 +385,7 @@ def prepare(setup: RunSetup, layout: str) -> Trainer:
                                  last_checkpoint=setup.resume_dir, state=state)
     log = None
     if setup.main:
-        step_guard.check_disk(setup.out, accelerator.unwrap_model(module).model)
+        step_guard.check_disk(setup.out, distributed.unwrap(accelerator, module).model)
         cfg.dump_yaml(setup.out / "config.yaml")
         _announce(setup, plan, layout)
         log = RunLog(setup.out, total_steps=plan.total_steps, start_step=start_step,
@@ -404,7 +404,7 @@ def _resume(setup: RunSetup, module: Any, optimizer: Any, scheduler: Any, plan: 
         state = distributed.load_sharded_state(accelerator, resume_dir, scheduler)
     else:
         distributed.check_checkpoint_kind(accelerator, resume_dir)
-        _load_weights(accelerator.unwrap_model(module).model, resume_dir)
+        _load_weights(distributed.unwrap(accelerator, module).model, resume_dir)
         state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
         distributed.restore_rank_rng(accelerator, resume_dir)
     _check_resumed_settings(setup, state, scheduler, optimizer)
@@ -597,7 +597,7 @@ def finish(trainer: Trainer, results: dict[str, Any]) -> TrainResult:
     # every rank joins under ZeRO-3/FSDP
     gathered = distributed.gather_state_dict(accelerator, trainer.module,
                                              trainable_only=setup.cfg.finetune.finetuning_type == "lora")
-    model = accelerator.unwrap_model(trainer.module).model
+    model = distributed.unwrap(accelerator, trainer.module).model
     if setup.main:
         trainer.log.close()
         with final_save_kwargs(model) as extra:  # a PiSSA adapter is saved for the original base
@@ -704,7 +704,7 @@ def _save_checkpoint(trainer: Trainer, step: int) -> None:
     sharded = None if cfg.train.save_only_model else \
         distributed.save_sharded_state(accelerator, out, step, trainer.scheduler)
     if setup.main:
-        model = accelerator.unwrap_model(trainer.module).model
+        model = distributed.unwrap(accelerator, trainer.module).model
         guard.check_free_space(out, step_guard.checkpoint_size, f"checkpoint-{step}")
         optimizer = None if cfg.train.save_only_model or sharded else trainer.optimizer
         state = {"global_step": step, "plan": [plan.micro_per_step, plan.steps_per_epoch, plan.total_steps],
