@@ -518,3 +518,27 @@ def test_bad_tools_value_is_a_user_error(tokenizer):
 def test_plain_conversations_are_not_touched_by_tool_handling(tokenizer):
     text = render(Conversation(CHAT, tools=None), tokenizer)
     assert text == tokenizer.apply_chat_template(CHAT, tokenize=False)
+
+
+@pytest.mark.parametrize("name", ["auto", *sorted(GOLDEN)])
+def test_plain_messages_render_directly_and_like_apply_chat_template(family, tokenizer, repo_data, name):
+    """Plain role/content messages skip apply_chat_template's per-call conversions (the compiled
+    template renders them directly): the text must be the library's, on the repository's chats."""
+    from tunesmith.data.formats import load_conversations
+    from tunesmith.template import _plain_renderer
+
+    tok = copy.deepcopy(tokenizer) if name == "auto" else family(name)
+    convs = load_conversations("chat_sharegpt,identity", repo_data)
+    assert _plain_renderer(tok, convs[0].messages) is not None
+    for conv in convs[::7]:
+        for cut, gen in ((len(conv.messages), False), (len(conv.messages) - 1, True)):
+            messages = conv.messages[:cut]
+            try:
+                want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            except Exception:  # templates that refuse a role order refuse it on both paths
+                with pytest.raises(UserError):
+                    render(messages, tok, add_generation_prompt=gen)
+                continue
+            assert render(messages, tok, add_generation_prompt=gen) == want, (name, messages, gen)
+    weighted = [{**convs[0].messages[0], "loss_weight": 0.5}]  # another key: the library's own path
+    assert _plain_renderer(tok, weighted) is None
