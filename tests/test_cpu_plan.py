@@ -230,3 +230,12 @@ def test_bf16_on_a_cpu_with_slow_bf16_products_warns_and_keeps_bf16(capsys):
     with cpu.assume(INTEL_AVX512_BF16):
         _announce_cpu("no")  # an fp32 run: nothing to warn about
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_sharded_run_names_the_library_forwards(capsys):
+    from tunesmith.train.loop import _announce_cpu
+
+    with cpu.assume(AMD_AVX512_BF16):
+        _announce_cpu("bf16", sharded=True)
+    assert capsys.readouterr().err == ("cpu: Test CPU (AMD; AVX2 AVX-512 AVX512-BF16, no AMX); kernels: the library "
+                                       "forwards, unpadded (sharded run), bf16 attention matmul\n")

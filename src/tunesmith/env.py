@@ -77,7 +77,9 @@ def cpu_report() -> list[str]:
     found = detect()
     vector = sorted(f for f in found.flags if f.startswith(("avx512", "amx")))
     lines = [f"cpu: {found.describe()}; torch uses {found.torch_capability}",
-             f"cpu flags: {' '.join(vector) or 'no AVX-512/AMX'}"]
+             f"cpu flags: {' '.join(vector) or 'no AVX-512/AMX'}",
+             f"bf16 on cpu: {'yes' if found.native_bf16 else 'no (emulated, slow)'}, "
+             f"{cpu_plan(found, 'bf16').bf16.value}"]
     said: set[str] = set()
     for dtype in ("fp32", "bf16"):
         plan = cpu_plan(found, dtype)

@@ -462,18 +462,23 @@ def _announce(setup: RunSetup, plan: StepPlan, layout: str) -> None:
           f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {setup.accelerator.num_processes} "
           f"samples per step ({layout} batches), precision {setup.mixed}", file=sys.stderr)
     if setup.accelerator.device.type == "cpu":
-        _announce_cpu(setup.mixed)
+        _announce_cpu(setup.mixed, sharded=distributed.is_sharded(setup.accelerator))
     if layout == "concat":
         print("warning: packing_contamination is on: packed samples attend to the samples before them in their "
               "row, so losses differ from an unpacked run (set packing_contamination: false to keep them apart).",
               file=sys.stderr)
 
 
-def _announce_cpu(mixed: str) -> None:
+def _announce_cpu(mixed: str, *, sharded: bool = False) -> None:
     """The CPU and the kernels this run uses on it (tunesmith/cpu.py); a warning where the user
     asked for bf16 on a CPU whose bf16 products are slower than fp32 (their choice stands)."""
-    print(f"cpu: {cpu.features().describe()}; kernels: {cpu_kernels(mixed != 'no')}", file=sys.stderr)
-    advice = cpu.plan_in_use("bf16").bf16
+    # ZeRO-3/FSDP keep the library forwards and unpadded pieces (model_changes, step_batches)
+    kernels = "the library forwards, unpadded (sharded run)" if sharded else cpu_kernels(mixed != "no")
+    plan = cpu.plan_in_use("bf16")
+    if sharded and mixed == "bf16":
+        kernels += f", bf16 attention {plan.bf16_attention.value}"
+    print(f"cpu: {cpu.features().describe()}; kernels: {kernels}", file=sys.stderr)
+    advice = plan.bf16
     if mixed == "bf16" and not advice.on:
         print(f"warning: bf16: true on this CPU, but {advice.reason}; bf16: false (fp32) is likely faster here. "
               "Training in bf16 as asked.", file=sys.stderr)
