@@ -15,8 +15,10 @@ import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-# oneDNN builds (and keeps) a kernel for every distinct product shape, about 0.7 MB each; token
-# counts padded to a multiple of this bound how many a run builds (train/kernels.py).
+# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each. It
+# runs torch's bf16 products on the CPU, and our fp32 ones (train/kernels.py) where each dimension
+# of a product is below, or a multiple of, ROW_MULTIPLE. With token counts padded to such multiples
+# a run builds a bounded few kernels; unpadded, every new length builds more (bench/RESULTS.md).
 ROW_MULTIPLE = 32
 
 _VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}

@@ -91,12 +91,6 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and _on_onednn(x.device.type, x.dtype)
 
 
-# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each. It
-# runs torch's bf16 products on the CPU, and our fp32 ones where each dimension of a product is
-# below, or a multiple of, ROW_MULTIPLE. With token counts padded to such multiples a run builds a
-# bounded few kernels; unpadded, every new length builds more (bench/RESULTS.md).
-
-
 def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
     """Whether products of `dtype` on the device run on oneDNN: as the CPU plan says, where this
     torch build can."""
