@@ -429,8 +429,25 @@ def table(results: dict[str, list[dict]], unavailable: dict[str, str], flops_per
 
 def machine_note() -> str:
     load = os.getloadavg()
-    return (f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} cpus), "
+    return (f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} cpus, {cpu_label()}), "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def cpu_label() -> str:
+    """The CPU model and the features its kernel plan reads, e.g. 'Intel(R) Xeon(R) ... (Intel; AVX2 AVX-512 ...)'."""
+    from tunesmith.cpu import detect
+
+    return detect().describe()
+
+
+def cpu_record() -> dict:
+    """The CPU, its features and the kernels tunesmith plans for it, for the JSON output."""
+    from tunesmith.cpu import cpu_plan, detect
+
+    found = detect()
+    return {"model": found.model, "vendor": found.vendor, "features": found.names(),
+            "torch_capability": found.torch_capability,
+            "kernels": {dtype: cpu_plan(found, dtype).summary() for dtype in ("fp32", "bf16")}}
 
 
 def cpu_main(args: argparse.Namespace) -> None:
@@ -450,6 +467,7 @@ def cpu_main(args: argparse.Namespace) -> None:
             pythons[framework] = python
     runnable = [n for n in names if n not in unavailable]
     print(f"start: {machine_note()}", file=sys.stderr)
+    label = cpu_label()
     peaks = matmul_peaks(args.threads)
     flops_per_token = workload_flops_per_token(model_dir, data_dir, args.rows, args.cutoff)
     results: dict[str, list[dict]] = {n: [] for n in runnable}
@@ -466,19 +484,23 @@ def cpu_main(args: argparse.Namespace) -> None:
             shown = (f"{outcome['tokens_per_second']:.1f} tok/s" if outcome.get("tokens_per_second")
                      else outcome.get("error"))
             print(f"[{repeat + 1}/{args.repeats}] {name}: {shown}, peak RSS {outcome['peak_rss_gib']:.2f} GiB, "
-                  f"{outcome['seconds']} s", file=sys.stderr)
+                  f"{outcome['seconds']} s on {label}", file=sys.stderr)
     report = [f"end: {machine_note()}",
               f"workload: {args.rows} rows of {args.data}, {args.steps} steps x 4 samples, cutoff {args.cutoff}, "
-              f"{args.repeats} repeat(s), threads {args.threads or 'default'}", "",
-              table(results, unavailable, flops_per_token, peaks), "", "same math (per-step losses vs padded fp32):"]
+              f"{args.repeats} repeat(s), threads {args.threads or 'default'}",
+              "tunesmith's cpu kernels: " + "; ".join(f"{d}: {k}" for d, k in cpu_record()["kernels"].items()), "",
+              table(results, unavailable, flops_per_token, peaks, f"cpu: {label}"), "",
+              "same math (per-step losses vs padded fp32):"]
     report += [f"- {name}: {verdict}" for name, verdict in same_math(results).items()]
     text = "\n".join(report)
     print(text)
     OUT.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"peers-{stamp}.md").write_text(text + "\n")
     (OUT / f"peers-{stamp}.json").write_text(json.dumps({"results": results, "unavailable": unavailable,
                                                          "peaks": peaks, "flops_per_token": flops_per_token,
-                                                         "args": vars(args)}, indent=1, default=str))
+                                                         "cpu": cpu_record(), "args": vars(args)},
+                                                        indent=1, default=str))
 
 
 def gpu_main(args: argparse.Namespace) -> None:

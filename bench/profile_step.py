@@ -9,8 +9,8 @@ alternate step by step and share the machine's conditions. A variant is `layout[
     layout     padded | grouped (padded, micro-batches of similar lengths) | varlen | masked
     precision  fp32 (default) | autocast (fp32 weights, bf16 autocast) | bf16base (frozen base
                stored in bf16, adapters fp32, bf16 autocast)
-    option     attn=matmul|fp32|sdpa (bf16 attention on the CPU: bf16 matrix products, the
-               default; torch's flash kernel in fp32; or that kernel in bf16);
+    option     attn=matmul|fp32|sdpa (bf16 attention on the CPU: bf16 matrix products; torch's
+               flash kernel in fp32; or that kernel in bf16; without it, the CPU plan's choice);
                cast (peft casts LoRA inputs to the adapters' fp32 under autocast, which training
                turns off); plain (transformers' and peft's own forwards instead of train/kernels.py's, so
                the linear layers' fp32 products go to torch's matmul rather than oneDNN)
@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from workload_data import ALPACA_DEMO, alpaca_rows, write_alpaca_dataset
@@ -106,13 +107,14 @@ def main() -> None:
         return model, batches, optimizer, mixed
 
     def step(model, batch, optimizer, mixed, variant: str) -> float:
-        from tunesmith.train import attention
+        from tunesmith import cpu
 
-        attention.CPU_BF16_ATTENTION = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")),
-                                            "matmul")
+        kernel = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), None)
+        plan = cpu.plan_in_use("bf16")
+        chosen = cpu.assume(replace(plan, bf16_attention=cpu.Choice(True, kernel, "A/B"))) if kernel else nullcontext()
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
-        with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
+        with chosen, torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
             loss, count = token_loss(model, batch)
         (loss / max(count, 1)).backward()
         optimizer.step()

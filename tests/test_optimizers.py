@@ -92,3 +92,41 @@ def test_loraplus_and_optim_are_recorded_math_keys():
     from tunesmith.config import MATH_KEYS
 
     assert {"optim", "loraplus_lr_ratio", "quantization_bit", "use_dora", "pissa_init"} <= set(MATH_KEYS)
+
+
+def adamw_steps(fused: bool | None, steps: int = 5) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+    """A 64x64 weight after `steps` AdamW steps on fixed gradients: `make_optimizer('adamw_torch')`
+    (fused=None) or torch's per-tensor loop (fused=False)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(64, 64, generator=generator)
+
+    weight = torch.nn.Parameter(draw())
+    groups = [{"params": [weight], "weight_decay": 0.1}]
+    args = TrainArgs(learning_rate=0.01)
+    optimizer = make_optimizer("adamw_torch", groups, args, CPU) if fused is None else \
+        torch.optim.AdamW(groups, lr=0.01, eps=args.adam_epsilon, foreach=False, fused=False)
+    for _ in range(steps):
+        weight.grad = draw()
+        optimizer.step()
+    return weight.detach().clone(), optimizer
+
+
+def test_adamw_torch_is_fused_on_the_cpu_with_the_loop_s_results():
+    fused, optimizer = adamw_steps(None)
+    assert optimizer.defaults["fused"] is True
+    loop, plain = adamw_steps(False)
+    assert plain.defaults["fused"] is False
+    assert (loop - adamw_steps(False, steps=0)[0]).abs().max() > 1e-2  # the steps moved it
+    assert (fused - loop).abs().max() <= 1e-6
+
+
+def test_fused_applies_only_to_plain_float_tensors_on_one_device():
+    from tunesmith.train.optimizers import fused_applies
+
+    float_param = torch.nn.Parameter(torch.zeros(3))
+    assert fused_applies([{"params": [float_param]}, {"params": [torch.nn.Parameter(torch.zeros(3).bfloat16())]}])
+    assert not fused_applies([{"params": []}])
+    assert not fused_applies([{"params": [float_param, torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]}])
+    assert not fused_applies([{"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]}])

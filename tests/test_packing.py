@@ -3,6 +3,7 @@ by step, and the batch plan never drops or repeats a sample."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -277,6 +278,7 @@ def test_matmul_attention_matches_sdpa(dtype, tolerance, length):
 
 
 def test_bf16_varlen_uses_the_matmul_kernel_and_keeps_samples_apart(monkeypatch):
+    from tunesmith import cpu
     from tunesmith.train import attention
 
     model = tiny_llama("sdpa").to(torch.bfloat16)
@@ -285,12 +287,15 @@ def test_bf16_varlen_uses_the_matmul_kernel_and_keeps_samples_apart(monkeypatch)
     real = attention.causal_matmul_attention
     monkeypatch.setattr(attention, "causal_matmul_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     first, other_first, second = sample(0, 3, 11), sample(0, 100, 11), sample(1, 50, 9)
-    together = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
-    changed = logits(model, collate([[other_first, second]], 0, "varlen"))[0, 11:20].float()
+    amx = cpu.FeatureSet("Xeon", "Intel", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    with cpu.assume(amx):  # a CPU whose plan takes the matmul kernel
+        together = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
+        changed = logits(model, collate([[other_first, second]], 0, "varlen"))[0, 11:20].float()
     assert calls and {shape[2] for shape in calls} == {11, 9}  # one call per sample and layer
     assert torch.equal(together, changed)
-    monkeypatch.setattr(attention, "CPU_BF16_ATTENTION", "fp32")  # torch's kernel in fp32: same within bf16
-    reference = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
+    fp32_kernel = dataclasses.replace(cpu.cpu_plan(amx, "bf16"), bf16_attention=cpu.Choice(True, "fp32", "reference"))
+    with cpu.assume(fp32_kernel):  # torch's kernel in fp32: the same within bf16
+        reference = logits(model, collate([[first, second]], 0, "varlen"))[0, 11:20].float()
     assert (together - reference).abs().max() < 0.05 * reference.abs().max()
 
 

@@ -137,8 +137,8 @@ class TrainArgs:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     num_train_epochs: float = opt(3.0, "Passes over the training data (fractions allowed).")
     max_steps: int = opt(-1, "Optimizer steps to run; overrides num_train_epochs when > 0.")
-    optim: str = opt("adamw_torch", "Optimizer: torch AdamW (fused: one kernel per step), SGD, Adafactor, or "
-                     "bitsandbytes' 8-bit AdamW (paged on GPUs).",
+    optim: str = opt("adamw_torch", "Optimizer: torch AdamW (fused into one kernel per step where it can "
+                     "be), SGD, Adafactor, or bitsandbytes' 8-bit AdamW (paged on GPUs).",
                      ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_8bit", "adamw_bnb_8bit",
                       "paged_adamw_8bit"))
     learning_rate: float = opt(5e-5, "Peak learning rate.")

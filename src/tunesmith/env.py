@@ -9,26 +9,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from tunesmith import __version__
+from tunesmith.cpu import cpu_plan, detect
 
 if TYPE_CHECKING:
     import torch
-
-
-def _cpuinfo(field_name: str) -> str:
-    """The first value of a /proc/cpuinfo field ('' where there is none, e.g. off Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == field_name:
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags").split())
 
 
 def flush_denormals() -> None:
@@ -53,7 +37,7 @@ def bf16_supported(device: str | torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+        return detect().native_bf16
     return False
 
 
@@ -62,7 +46,6 @@ def environment_report() -> str:
     import platform
 
     import torch
-
 
     def version(package: str) -> str:
         try:
@@ -78,15 +61,31 @@ def environment_report() -> str:
         lines.append(f"device: cuda x{torch.cuda.device_count()} ({names}); CUDA {torch.version.cuda}")
         lines.append(f"bf16: {'yes' if bf16_supported('cuda') else 'no'} (cuda)")
     else:
-        lines.append(f"device: cpu ({_cpuinfo('model name') or platform.machine()})")
-    flags = _cpu_flags()
-    lines.append(f"bf16 on cpu: {'yes' if bf16_supported('cpu') else 'no (emulated, slow)'}")
-    vector = sorted(f for f in flags if f.startswith(("avx512", "amx")))
-    lines.append(f"cpu features: {' '.join(vector) or 'no AVX-512/AMX'}; torch uses "
-                 f"{torch.backends.cpu.get_cpu_capability()}")
+        lines.append("device: cpu")
+    lines += cpu_report()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines.append(f"cpu cores usable: {cores}; torch threads: {torch.get_num_threads()} "
                  f"(inter-op {torch.get_num_interop_threads()})")
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("OMP_", "MKL_", "KMP_"))}
     lines.append("thread env: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "none set"))
     return "\n".join(lines)
+
+
+def cpu_report() -> list[str]:
+    """The CPU, its features, and the kernels a run would use on it in fp32 and in bf16, each with
+    its reason."""
+    found = detect()
+    vector = sorted(f for f in found.flags if f.startswith(("avx512", "amx")))
+    lines = [f"cpu: {found.describe()}; torch uses {found.torch_capability}",
+             f"cpu flags: {' '.join(vector) or 'no AVX-512/AMX'}",
+             f"bf16 on cpu: {'yes' if found.native_bf16 else 'no (emulated, slow)'}, "
+             f"{cpu_plan(found, 'bf16').bf16.value}"]
+    said: set[str] = set()
+    for dtype in ("fp32", "bf16"):
+        plan = cpu_plan(found, dtype)
+        lines.append(f"cpu kernels in {dtype}: {plan.summary()}")
+        for name, choice in plan.choices().items():
+            if choice.reason not in said:  # the bf16 plan repeats some of fp32's
+                said.add(choice.reason)
+                lines.append(f"  {name}: {choice.reason}")
+    return lines

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.train.kernels import ROW_MULTIPLE
+from tunesmith.cpu import ROW_MULTIPLE, plan_in_use
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 VARLEN_SDPA = "tunesmith_varlen_sdpa"
-# bf16 attention on the CPU: "matmul" (CausalMatmulAttention, bf16 products on the AMX units), "fp32"
-# (torch's flash kernel on q, k, v cast up) or "sdpa" (torch's flash kernel in bf16); bench/profile_step.py A/Bs them
-CPU_BF16_ATTENTION = "matmul"
+# bf16 attention on the CPU is the CPU plan's choice (tunesmith/cpu.py, `bf16_attention`): "matmul"
+# (CausalMatmulAttention, bf16 products), "fp32" (torch's flash kernel on q, k, v cast up) or "sdpa"
+# (torch's flash kernel in bf16); bench/profile_step.py A/Bs them.
 # A host copy of cu_seq_lens_q that the training step adds to a batch on the GPU (distributed.to_device).
 HOST_BOUNDS = "cu_seq_lens_host"
 # Where each token of a varlen row goes in a (samples x longest sample) batch, built once per batch on
@@ -150,12 +150,12 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     dtype = query.dtype
     bounds = cu_seq_lens_q.tolist()
     cpu_bf16 = query.device.type == "cpu" and dtype == torch.bfloat16
-    if cpu_bf16 and CPU_BF16_ATTENTION == "matmul" and dropout == 0.0 \
-            and not kwargs.get("s_aux") and not kwargs.get("softcap"):
+    kernel = plan_in_use("bf16").bf16_attention.value if cpu_bf16 else "sdpa"
+    if kernel == "matmul" and dropout == 0.0 and not kwargs.get("s_aux") and not kwargs.get("softcap"):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return torch.cat([causal_matmul_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale)
                           for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a], dim=1), None
-    if cpu_bf16 and CPU_BF16_ATTENTION == "fp32":
+    if kernel == "fp32":
         query, key, value = query.float(), key.float(), value.float()
     outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                       dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]

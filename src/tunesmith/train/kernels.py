@@ -21,6 +21,8 @@ on a random input before they are installed. bench/RESULTS.md measures them.
 features, where torch's fp32 matmul goes to a BLAS that may not use AVX-512 on every vendor's CPU
 (2.2x apart on an AVX-512 AMD CPU, bench/RESULTS.md); the loss's output head uses it too.
 Training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
+Whether fp32 products take oneDNN, and whether pieces are padded, is the CPU plan's choice
+(tunesmith/cpu.py, `plan_in_use`), checked at every call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 import functools
 import types
 from typing import TYPE_CHECKING, Any
+
+from tunesmith.cpu import ROW_MULTIPLE, plan_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -87,21 +91,26 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and _on_onednn(x.device.type, x.dtype)
 
 
-# oneDNN builds (and keeps) a kernel for every distinct shape it sees, at about 0.7 MB each. It
-# runs torch's bf16 products on the CPU, and our fp32 ones where each dimension of a product is
-# below, or a multiple of, ROW_MULTIPLE. With token counts padded to such multiples a run builds a
-# bounded few kernels; unpadded, every new length builds more (bench/RESULTS.md).
-ROW_MULTIPLE = 32
-
-
 def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether products of `dtype` on the device run on oneDNN: as the CPU plan says, where this
+    torch build can."""
     import torch
 
     if device_type != "cpu":
         return False
     if dtype == torch.float32:
-        return _onednn_exact()
-    return dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
+        return plan_in_use("fp32").fp32_products.on and _onednn_exact()
+    return dtype in (torch.bfloat16, torch.float16) and plan_in_use("bf16").padding.on \
+        and torch.backends.mkldnn.is_available()
+
+
+def cpu_kernels(mixed_precision: bool) -> str:
+    """One line naming the CPU kernels a run uses: the plan's, less what this torch build cannot run."""
+    plan = plan_in_use("bf16" if mixed_precision else "fp32")
+    line = plan.summary()
+    if plan.fp32_products.on and not _onednn_exact():
+        line = line.replace("fp32 products oneDNN", "fp32 products torch matmul (oneDNN not exact in this build)")
+    return line
 
 
 def cpu_row_multiple(mixed_precision: bool) -> int | None:
@@ -131,7 +140,7 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     dims = (a.shape[:-1].numel(), a.shape[-1], b.shape[0])
     if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 \
-            and all(d < ROW_MULTIPLE or d % ROW_MULTIPLE == 0 for d in dims) and _onednn_exact():
+            and all(d < ROW_MULTIPLE or d % ROW_MULTIPLE == 0 for d in dims) and _on_onednn("cpu", a.dtype):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
 
@@ -306,7 +315,7 @@ def set_training_forwards(model: nn.Module, enabled: bool) -> None:
             forward, width = _gated_mlp_forward, module.gate_proj.in_features
         elif _is_frozen_rms_norm(module):
             forward, width = _rms_norm_forward, module.weight.shape[0]
-        elif type(module) is nn.Linear and module.weight.device.type == "cpu" and _onednn_exact():
+        elif type(module) is nn.Linear and _on_onednn(module.weight.device.type, torch.float32):
             forward, width = _linear_forward, module.in_features
         else:
             continue

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tunesmith import run_folder
+from tunesmith import cpu, run_folder
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import (
     Sample,
@@ -41,7 +41,7 @@ from tunesmith.model.load import load_adapters, load_model, load_tokenizer
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed, guard
 from tunesmith.train.flops import flop_counts
-from tunesmith.train.kernels import cpu_row_multiple
+from tunesmith.train.kernels import cpu_kernels, cpu_row_multiple
 from tunesmith.train.logs import RunLog, StepMeter, plot_loss
 from tunesmith.train.loss import SFTModule
 from tunesmith.train.model_changes import training_changes
@@ -461,10 +461,27 @@ def _announce(setup: RunSetup, plan: StepPlan, layout: str) -> None:
           f"{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
           f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {setup.accelerator.num_processes} "
           f"samples per step ({layout} batches), precision {setup.mixed}", file=sys.stderr)
+    if setup.accelerator.device.type == "cpu":
+        _announce_cpu(setup.mixed, sharded=distributed.is_sharded(setup.accelerator))
     if layout == "concat":
         print("warning: packing_contamination is on: packed samples attend to the samples before them in their "
               "row, so losses differ from an unpacked run (set packing_contamination: false to keep them apart).",
               file=sys.stderr)
+
+
+def _announce_cpu(mixed: str, *, sharded: bool = False) -> None:
+    """The CPU and the kernels this run uses on it (tunesmith/cpu.py); a warning where the user
+    asked for bf16 on a CPU whose bf16 products are slower than fp32 (their choice stands)."""
+    # ZeRO-3/FSDP keep the library forwards and unpadded pieces (model_changes, step_batches)
+    kernels = "the library forwards, unpadded (sharded run)" if sharded else cpu_kernels(mixed != "no")
+    plan = cpu.plan_in_use("bf16")
+    if sharded and mixed == "bf16":
+        kernels += f", bf16 attention {plan.bf16_attention.value}"
+    print(f"cpu: {cpu.features().describe()}; kernels: {kernels}", file=sys.stderr)
+    advice = plan.bf16
+    if mixed == "bf16" and not advice.on:
+        print(f"warning: bf16: true on this CPU, but {advice.reason}; bf16: false (fp32) is likely faster here. "
+              "Training in bf16 as asked.", file=sys.stderr)
 
 
 def _allocate_grads(module: Any, accelerator: Any) -> bool:

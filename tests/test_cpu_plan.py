@@ -1,0 +1,241 @@
+"""CPU decisions (tunesmith/cpu.py): the CPU read from /proc/cpuinfo, the plan for each measured
+feature set, the kernels and attention following the plan, and `tunesmith env` and the training
+log naming the CPU and the kernels it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import identity_dataset
+
+from tunesmith import cpu
+from tunesmith.config import FinetuneArgs, ModelArgs, load_config
+from tunesmith.model.finetune import apply_finetuning
+from tunesmith.model.load import load_model
+from tunesmith.train import attention, kernels
+
+XEON_CPUINFO = """\
+processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_fp16 amx_bf16 amx_tile
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: not the first processor
+flags\t\t: fpu sse
+"""
+ARM_CPUINFO = """\
+processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm bf16
+CPU implementer\t: 0x41
+"""
+
+
+def features(vendor: str, *flags: str) -> cpu.FeatureSet:
+    return cpu.FeatureSet("Test CPU", vendor, frozenset(flags))
+
+
+AMD_AVX512_BF16 = features("AMD", "avx2", "avx512f", "avx512_bf16")  # the AMD EPYC of bench/RESULTS.md
+INTEL_AMX = features("Intel", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+INTEL_AVX512_BF16 = features("Intel", "avx2", "avx512f", "avx512_bf16", "avx512_fp16")  # a Xeon without AMX
+AVX2_ONLY = features("AMD", "avx", "avx2", "fma")
+NO_AVX = cpu.parse_cpuinfo(ARM_CPUINFO)
+
+
+def test_cpuinfo_of_the_first_processor_is_read():
+    found = cpu.parse_cpuinfo(XEON_CPUINFO, "AVX512")
+    assert (found.model, found.vendor, found.torch_capability) == ("Intel(R) Xeon(R) Platinum 8480+", "Intel", "AVX512")
+    assert found.names() == ["AVX2", "AVX-512", "AVX512-BF16", "AMX"]
+    assert found.describe() == "Intel(R) Xeon(R) Platinum 8480+ (Intel; AVX2 AVX-512 AVX512-BF16 AMX)"
+    assert "sse" in found.flags and "not the first processor" not in found.describe()
+    arm = cpu.parse_cpuinfo(ARM_CPUINFO)
+    assert arm.names() == [] and "asimd" in arm.flags and not arm.native_bf16
+    assert arm.describe() == "unknown CPU (unknown vendor; no AVX2, no AVX-512/AMX)"
+
+
+def test_this_machine_is_detected_from_its_cpuinfo():
+    found = cpu.detect()
+    assert found.model and found.torch_capability == torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    assert found == cpu.parse_cpuinfo(text, found.torch_capability)
+
+
+def plans(found: cpu.FeatureSet) -> tuple[cpu.CpuPlan, cpu.CpuPlan]:
+    return cpu.cpu_plan(found, "fp32"), cpu.cpu_plan(found, "bf16")
+
+
+def test_amd_with_avx512_bf16_keeps_every_measured_path():
+    fp32, bf16 = plans(AMD_AVX512_BF16)
+    assert fp32.fp32_products.value == "oneDNN" and "2.2x" in fp32.fp32_products.reason
+    assert fp32.row_multiple == bf16.row_multiple == cpu.ROW_MULTIPLE
+    assert fp32.training_forwards.on and bf16.training_forwards.on
+    assert bf16.bf16_attention.value == "matmul" and "587 vs 500" in bf16.bf16_attention.reason
+    assert bf16.bf16.on and "992 vs 498" in bf16.bf16.reason
+    assert fp32.summary() == "fp32 products oneDNN, training forwards on, padding 32"
+    assert bf16.summary().endswith("bf16 attention matmul, bf16 advisable")
+
+
+def test_intel_with_amx_takes_bf16_products_on_the_tiles():
+    fp32, bf16 = plans(INTEL_AMX)
+    assert fp32.fp32_products.on and "1.13x" in fp32.fp32_products.reason
+    assert bf16.bf16_attention.value == "matmul" and "AMX" in bf16.bf16_attention.reason
+    assert bf16.bf16.on and "494 vs 296" in bf16.bf16.reason
+    assert "494 vs 500" in bf16.training_forwards.reason
+
+
+def test_intel_without_amx_attends_in_fp32_and_advises_against_bf16():
+    fp32, bf16 = plans(INTEL_AVX512_BF16)
+    assert fp32.fp32_products.on and fp32.row_multiple == cpu.ROW_MULTIPLE
+    assert bf16.bf16_attention.value == "fp32"
+    assert not bf16.bf16.on and "165 vs 318" in bf16.bf16.reason
+
+
+def test_avx2_only_keeps_onednn_but_pads_no_bf16_products():
+    fp32, bf16 = plans(AVX2_ONLY)
+    assert fp32.fp32_products.on and "AVX2" in fp32.fp32_products.reason
+    assert fp32.row_multiple == cpu.ROW_MULTIPLE
+    assert bf16.row_multiple is None  # torch runs bf16 products on oneDNN only with AVX-512
+    assert not bf16.bf16.on and bf16.bf16.value == "unsupported"
+    no_avx = cpu.cpu_plan(NO_AVX, "fp32")
+    assert not no_avx.fp32_products.on and no_avx.row_multiple is None
+    with pytest.raises(ValueError, match="'fp16'"):
+        cpu.cpu_plan(AVX2_ONLY, "fp16")
+
+
+def test_an_assumed_plan_applies_to_its_own_dtype_only():
+    sdpa = dataclasses.replace(cpu.cpu_plan(INTEL_AMX, "bf16"), bf16_attention=cpu.Choice(True, "sdpa", "A/B"))
+    with cpu.assume(sdpa):
+        assert cpu.plan_in_use("bf16") is sdpa and cpu.features() == INTEL_AMX
+        assert cpu.plan_in_use("fp32") == cpu.cpu_plan(INTEL_AMX, "fp32")
+        with cpu.assume(NO_AVX):
+            assert cpu.plan_in_use("bf16") == cpu.cpu_plan(NO_AVX, "bf16")
+    assert cpu.features() == cpu.detect()
+
+
+def lora_model(folder):
+    torch.manual_seed(0)
+    model = apply_finetuning(load_model(ModelArgs(model_name_or_path=str(folder)), dtype=torch.float32),
+                             FinetuneArgs(finetuning_type="lora"), verbose=False)
+    return model.train()
+
+
+def products_on_onednn(model, monkeypatch, found: cpu.FeatureSet) -> tuple[int, torch.Tensor]:
+    """(matmul_nt calls of one forward with the training forwards, the logits) planned for `found`."""
+    calls = []
+    real = kernels.matmul_nt
+    monkeypatch.setattr(kernels, "matmul_nt", lambda a, b: calls.append(a.shape) or real(a, b))
+    with cpu.assume(found):
+        kernels.set_training_forwards(model, True)
+        try:
+            logits = model(input_ids=torch.arange(5, 69)[None], use_cache=False).logits
+        finally:
+            kernels.set_training_forwards(model, False)
+    monkeypatch.setattr(kernels, "matmul_nt", real)
+    return len(calls), logits
+
+
+def test_fp32_products_follow_the_plan(tiny_model_dir, monkeypatch):
+    if not kernels._onednn_exact():
+        pytest.skip("this torch build has no exact oneDNN fp32 product")
+    model = lora_model(tiny_model_dir)
+    on, logits_on = products_on_onednn(model, monkeypatch, AVX2_ONLY)
+    off, logits_off = products_on_onednn(model, monkeypatch, NO_AVX)
+    layers = model.get_base_model().config.num_hidden_layers
+    assert on >= 7 * layers * 2  # every LoRA layer: its base and rank-sized products
+    assert off == 0
+    assert torch.allclose(logits_on, logits_off, atol=1e-5)
+    with cpu.assume(NO_AVX):
+        assert kernels.cpu_row_multiple(mixed_precision=False) is None
+        assert kernels.matmul_nt(torch.ones(32, 64), torch.ones(32, 64)).shape == (32, 32)
+    with cpu.assume(AVX2_ONLY):
+        assert kernels.cpu_row_multiple(mixed_precision=False) == cpu.ROW_MULTIPLE
+        assert kernels.cpu_row_multiple(mixed_precision=True) is None
+
+
+def bf16_attention_calls(monkeypatch, planned: cpu.FeatureSet | cpu.CpuPlan) -> tuple[int, list[torch.dtype]]:
+    """(calls of the matmul kernel, query dtypes of torch's sdpa calls) of one bf16 varlen attention."""
+    from transformers.integrations import sdpa_attention
+
+    matmul_calls, sdpa_dtypes = [], []
+    real_matmul, real_sdpa = attention.causal_matmul_attention, sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "causal_matmul_attention", lambda *a: matmul_calls.append(1) or real_matmul(*a))
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda m, q, *a, **k: sdpa_dtypes.append(q.dtype) or real_sdpa(m, q, *a, **k))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    bounds = torch.tensor([0, 5, 12])
+    q, k, v = (torch.randn(1, heads, 12, 16, dtype=torch.bfloat16) for heads in (4, 2, 2))
+    with cpu.assume(planned):
+        out, _ = attention.varlen_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds)
+    assert out.shape == (1, 12, 4, 16) and out.dtype == torch.bfloat16
+    return len(matmul_calls), sdpa_dtypes
+
+
+def test_bf16_attention_follows_the_plan(monkeypatch):
+    assert bf16_attention_calls(monkeypatch, AMD_AVX512_BF16) == (2, [])  # one matmul call per sample
+    assert bf16_attention_calls(monkeypatch, INTEL_AVX512_BF16) == (0, [torch.float32] * 2)
+    sdpa = dataclasses.replace(cpu.cpu_plan(INTEL_AMX, "bf16"), bf16_attention=cpu.Choice(True, "sdpa", "A/B"))
+    assert bf16_attention_calls(monkeypatch, sdpa) == (0, [torch.bfloat16] * 2)
+
+
+def test_env_names_the_cpu_its_features_and_both_plans():
+    proc = subprocess.run([sys.executable, "-m", "tunesmith", "env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = cpu.detect()
+    assert f"cpu: {found.describe()}" in proc.stdout
+    for dtype in ("fp32", "bf16"):
+        assert f"cpu kernels in {dtype}: {cpu.cpu_plan(found, dtype).summary()}" in proc.stdout
+    assert cpu.cpu_plan(found, "bf16").bf16.reason in proc.stdout
+
+
+def test_training_log_names_the_cpu_and_its_kernels(tmp_path, tiny_model_dir, repo_data, capsys):
+    from tunesmith.train import run_training
+
+    data = identity_dataset(tmp_path / "data", repo_data, rows=4)
+    run_training(load_config(None, {
+        "model_name_or_path": str(tiny_model_dir), "dataset": "ident", "dataset_dir": str(data), "cutoff_len": 64,
+        "output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 2, "max_steps": 1,
+        "preprocessing_num_workers": 1, "report_to": "none", "plot_loss": False}))
+    lines = capsys.readouterr().err.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("train samples "))
+    assert lines[header + 1] == f"cpu: {cpu.detect().describe()}; kernels: {kernels.cpu_kernels(False)}"
+    assert "fp32 products" in lines[header + 1] and "bf16 attention" not in lines[header + 1]
+
+
+def test_bf16_on_a_cpu_with_slow_bf16_products_warns_and_keeps_bf16(capsys):
+    from tunesmith.train.loop import _announce_cpu
+
+    with cpu.assume(INTEL_AVX512_BF16):
+        _announce_cpu("bf16")
+    said = capsys.readouterr().err
+    assert "cpu: Test CPU (Intel; AVX2 AVX-512 AVX512-BF16, no AMX); kernels: " in said
+    assert "bf16 attention fp32" in said
+    assert "warning: bf16: true on this CPU, but AVX512-BF16 without AMX" in said and "Training in bf16" in said
+    for quiet in (INTEL_AMX, AMD_AVX512_BF16):
+        with cpu.assume(quiet):
+            _announce_cpu("bf16")
+        assert "warning" not in capsys.readouterr().err
+    with cpu.assume(INTEL_AVX512_BF16):
+        _announce_cpu("no")  # an fp32 run: nothing to warn about
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_sharded_run_names_the_library_forwards(capsys):
+    from tunesmith.train.loop import _announce_cpu
+
+    with cpu.assume(AMD_AVX512_BF16):
+        _announce_cpu("bf16", sharded=True)
+    assert capsys.readouterr().err == ("cpu: Test CPU (AMD; AVX2 AVX-512 AVX512-BF16, no AMX); kernels: the library "
+                                       "forwards, unpadded (sharded run), bf16 attention matmul\n")
