@@ -11,6 +11,7 @@ rewritten into text it can print (see `normalize_tools`), identically in trainin
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -502,7 +503,12 @@ def named_template_of(tokenizer: Any) -> NamedTemplate | None:
     source = getattr(tokenizer, "chat_template", None)
     if isinstance(source, str):
         source = source.removeprefix(NO_THINKING)
-    return next((t for t in TEMPLATES.values() if t.jinja == source), None)
+    return _templates_by_source().get(source) if isinstance(source, str) else None
+
+
+@functools.cache
+def _templates_by_source() -> dict[str, NamedTemplate]:
+    return {t.jinja: t for t in TEMPLATES.values()}
 
 
 # --- Tool use ------------------------------------------------------------------------------
@@ -681,8 +687,7 @@ def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_gen
     try:
         compiled = None if tools else _plain_renderer(tokenizer, messages)
         if compiled is not None:
-            return compiled.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+            return _render_compiled(compiled, tokenizer, messages, add_generation_prompt)
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # jinja raise_exception() and template errors
         raise UserError(f"{where}the chat template could not render this conversation: {exc}") from None
@@ -695,11 +700,12 @@ _RENDER_PROBES = (
      {"role": "assistant", "content": "4"}, {"role": "user", "content": " und 3+3 ?\n"}],
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
 )
-_plain_templates: dict[str, Any] = {}  # chat template text -> its compiled Jinja template, or None
+# chat template text -> (its compiled Jinja template, the template's globals), or None
+_plain_templates: dict[str, Any] = {}
 
 
 def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
-    """The compiled chat template, for rendering plain messages without apply_chat_template's
+    """The compiled chat template and its globals, for rendering plain messages without apply_chat_template's
     per-call conversions (a third of a training row's rendering time); None where those could
     matter: a message with other keys or non-string values, a template dict, or a template whose
     direct render differed from apply_chat_template's on the probes (checked once per template)."""
@@ -713,15 +719,24 @@ def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
     return _plain_templates[template]
 
 
+def _render_compiled(compiled: Any, tokenizer: Any, messages: list[dict[str, Any]], generation: bool) -> str:
+    """What compiled.render(...) returns, with the template's globals in the one dict the context
+    reads (Jinja would otherwise copy them into a new one at every call)."""
+    template, template_globals = compiled
+    variables = {**template_globals, **tokenizer.special_tokens_map, "messages": messages, "tools": None,
+                 "documents": None, "add_generation_prompt": generation}
+    return template.environment.concat(template.root_render_func(template.new_context(variables, shared=True)))
+
+
 def _checked_compile(tokenizer: Any, template: str) -> Any:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        compiled = _compile_jinja_template(template)
+        template_object = _compile_jinja_template(template)
+        compiled = (template_object, dict(template_object.globals))  # a ChainMap: slow to copy at each call
         for probe in _RENDER_PROBES:
             for generation in (False, True):
-                direct = compiled.render(messages=probe, tools=None, documents=None,
-                                         add_generation_prompt=generation, **tokenizer.special_tokens_map)
+                direct = _render_compiled(compiled, tokenizer, probe, generation)
                 if direct != tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=generation):
                     return None
         return compiled

@@ -68,6 +68,15 @@ class DirectTokenizer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
 
+    # Read at every render: a property skips the failed lookup that precedes __getattr__.
+    @property
+    def chat_template(self) -> Any:
+        return self.wrapped.chat_template
+
+    @property
+    def special_tokens_map(self) -> dict[str, Any]:
+        return self.wrapped.special_tokens_map
+
     def __call__(self, text: Any, *args: Any, add_special_tokens: bool = True,
                  return_offsets_mapping: bool = False, **kwargs: Any) -> Any:
         if args or kwargs or add_special_tokens:
