@@ -45,8 +45,8 @@ sys.path.insert(0, str(HERE))
 def make_rows(rows: int, folder: Path) -> Path:
     """N distinct Alpaca rows as JSON Lines (made once per size) from the repository's own data: a
     numbered variation of one demo row's instruction, answered by 1 to 8 demo answers joined, so
-    lengths spread like real data (about 200 tokens a row with the template, up to the cutoff)."""
-    path = folder / f"alpaca_{rows}.jsonl"
+    lengths spread like real data (about 160 tokens a row with the template, 48 to about 460)."""
+    path = folder / f"alpaca_v2_{rows}.jsonl"  # v2: answers of 1 to 8 demo rows (a new recipe, a new name)
     if path.exists():
         return path
     base = json.loads((DATA / "alpaca_demo.json").read_text(encoding="utf-8"))

@@ -4,6 +4,7 @@ by step, and the batch plan never drops or repeats a sample."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 
@@ -411,12 +412,13 @@ def test_accelerator_batches_get_one_call_slots_and_host_bounds():
 def test_one_call_varlen_equals_the_per_sample_path(dtype, tolerance):
     """The accelerator path (all samples in one padded causal call), run here on the CPU: same logits
     and same gradients as one sdpa call per sample, and samples still do not see each other."""
-    from tunesmith.train.attention import SAMPLE_SLOTS, sample_slots
+    from tunesmith.train.attention import SAMPLE_SLOTS, one_call_pays, sample_slots
 
     model = tiny_llama("sdpa").to(dtype)
     assert choose_layout(model, packing=False) == "varlen"
     samples = [sample(0, 3, 11), sample(1, 50, 9), sample(2, 80, 4)]
     batch = collate([samples], 0, "varlen")
+    assert one_call_pays(batch["cu_seq_lens_q"])  # so the second pass really takes the one-call path
     results = []
     for one_call in (False, True):
         if one_call:
@@ -433,3 +435,14 @@ def test_one_call_varlen_equals_the_per_sample_path(dtype, tolerance):
         assert (mine - theirs).abs().max() < tolerance * grad_scale
     alone = model(input_ids=collate([[samples[1]]], 0, "padded")["input_ids"], use_cache=False).logits
     assert (one_out[0, 11:20] - alone[0].detach().float()).abs().max() < tolerance * scale
+
+
+def test_one_call_is_taken_only_where_its_padding_stays_small():
+    """One long sample among many short ones would pad the batch far beyond the row: the accelerator
+    path then keeps one call per sample (with the bounds from the host)."""
+    from tunesmith.train.attention import one_call_pays
+
+    assert one_call_pays(torch.tensor([0, 11, 20, 24]))  # 3 x 11 = 33 slots for 24 tokens
+    lengths = [2000] + [50] * 40  # 41 x 2000 slots for 4,000 tokens
+    assert not one_call_pays(torch.tensor([0, *itertools.accumulate(lengths)]))
+    assert not one_call_pays(torch.tensor([0]))

@@ -542,3 +542,28 @@ def test_plain_messages_render_directly_and_like_apply_chat_template(family, tok
             assert render(messages, tok, add_generation_prompt=gen) == want, (name, messages, gen)
     weighted = [{**convs[0].messages[0], "loss_weight": 0.5}]  # another key: the library's own path
     assert _plain_renderer(tok, weighted) is None
+
+
+def test_direct_render_keeps_the_library_text_for_subclasses_and_refusing_templates(tokenizer):
+    """The library turns str and dict subclasses into plain ones before rendering, so they take its
+    path; a template that refuses one probe (no system turn) still renders plain chats directly."""
+    from collections import OrderedDict
+
+    from tunesmith.template import _plain_renderer
+
+    class Shouting(str):
+        def __str__(self) -> str:
+            return self.upper()
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m }}|{{ m.content }}]{% endfor %}"
+    for messages in ([{"role": "user", "content": Shouting("hi")}], [OrderedDict(role="user", content="hi")]):
+        assert _plain_renderer(tok, messages) is None
+        assert render(messages, tok) == tok.apply_chat_template(messages, tokenize=False)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                         "{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert _plain_renderer(tok, plain) is not None
+    assert render(plain, tok) == "<user>Hi<assistant>Hello"
+    with pytest.raises(UserError, match="no system role"):
+        render([{"role": "system", "content": "x"}, *plain], tok)

@@ -708,11 +708,12 @@ def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
     """The compiled chat template and its globals, for rendering plain messages without apply_chat_template's
     per-call conversions (a third of a training row's rendering time); None where those could
     matter: a message with other keys or non-string values, a template dict, or a template whose
-    direct render differed from apply_chat_template's on the probes (checked once per template)."""
+    direct render differed from apply_chat_template's on the probes (checked once per template).
+    Exact types only: the library turns str and dict subclasses into plain ones before rendering."""
     template = getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or not messages or not all(
-            m.keys() <= {"role", "content"} and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+    if not isinstance(template, str) or not messages or not hasattr(tokenizer, "special_tokens_map") or not all(
+            type(m) is dict and m.keys() <= {"role", "content"} and type(m.get("role")) is str
+            and type(m.get("content")) is str for m in messages):
         return None
     if template not in _plain_templates:
         _plain_templates[template] = _checked_compile(tokenizer, template)
@@ -734,14 +735,22 @@ def _checked_compile(tokenizer: Any, template: str) -> Any:
 
         template_object = _compile_jinja_template(template)
         compiled = (template_object, dict(template_object.globals))  # a ChainMap: slow to copy at each call
-        for probe in _RENDER_PROBES:
-            for generation in (False, True):
-                direct = _render_compiled(compiled, tokenizer, probe, generation)
-                if direct != tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=generation):
-                    return None
-        return compiled
-    except Exception:  # a private helper that moved, or a template that refuses a probe: the library's path
+    except Exception:  # a private helper that moved: the library's path
         return None
+    compared = 0
+    for probe in _RENDER_PROBES:
+        for generation in (False, True):
+            try:  # a probe the template refuses (a system turn, say) proves nothing either way
+                want = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=generation)
+            except Exception:
+                continue
+            try:
+                if _render_compiled(compiled, tokenizer, probe, generation) != want:
+                    return None
+            except Exception:
+                return None
+            compared += 1
+    return compiled if compared else None
 
 
 def render_with_spans(conv: Conversation, tokenizer: Any, *, train_on_prompt: bool = False,

@@ -8,8 +8,8 @@ implementation with transformers' AttentionInterface: on the CPU it runs sdpa ca
 sample's slice, so no work goes to the masked blocks between samples and no (T x T) mask is built.
 On an accelerator, where a Python loop of small kernel launches per layer costs more than some
 padding, the samples are scattered into one (samples x longest) batch and attended in one causal
-sdpa call (sample_slots). Any batch without boundaries (padded batches, eval, generation) goes to
-transformers' own sdpa.
+sdpa call (sample_slots), unless that padding would more than double the row (one_call_pays).
+Any batch without boundaries (padded batches, eval, generation) goes to transformers' own sdpa.
 """
 
 from __future__ import annotations
@@ -108,6 +108,18 @@ def sample_slots(bounds: torch.Tensor) -> torch.Tensor:
     return starts + torch.arange(int(bounds[-1]))
 
 
+# The one-call path pads every sample to the longest: past this many padded tokens per real one
+# (one long sample among many short ones) its extra memory and work cost more than the launches it saves.
+MAX_ONE_CALL_PADDING = 2.0
+
+
+def one_call_pays(bounds: torch.Tensor) -> bool:
+    """Whether (samples x longest) stays within MAX_ONE_CALL_PADDING x the row's real tokens."""
+    lengths = bounds[1:] - bounds[:-1]
+    total = int(bounds[-1])
+    return total > 0 and len(lengths) * int(lengths.max()) <= MAX_ONE_CALL_PADDING * total
+
+
 def _one_call_varlen(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      bounds: torch.Tensor, slots: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """All samples of a row in one causal sdpa call: each sample starts its own row of the batch, the
@@ -144,7 +156,7 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if cu_seq_lens_q is None or not whole_rows:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if slots is not None:
+    if slots is not None and one_call_pays(cu_seq_lens_q):
         return _one_call_varlen(module, query, key, value, cu_seq_lens_q, slots, dropout=dropout,
                                 scaling=scaling, **kwargs), None
     dtype = query.dtype
