@@ -53,6 +53,14 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 
 @pytest.fixture()
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """A private tunesmith cache folder (tokenized data, file hashes) for one test."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("TUNESMITH_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture()
 def repo_data() -> Path:
     """The repository's data/ folder; tests read it and never write there."""
     return REPO_DATA

@@ -58,3 +58,8 @@ def start_api_server(cfg: Path, env: dict[str, str],
             pytest.fail("server did not start:\n" + "".join(log))
     host, port = re.search(r"http://([\d.]+):(\d+)/v1", "".join(log)).groups()
     return proc, host, int(port), log
+
+
+def as_tuples(samples) -> list[tuple]:
+    """(input_ids, labels, source, truncated) of each sample, for comparing encodings."""
+    return [(s.input_ids, s.labels, s.source, s.truncated) for s in samples]

@@ -23,8 +23,7 @@ ROWS = [{"instruction": "Give me a famous quote.", "input": "", "output": '"To b
 
 
 @pytest.fixture()
-def alpaca_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+def alpaca_dir(tmp_path, cache_home):
     return make_dataset(tmp_path / "data", {"quotes": {"file_name": "quotes.json"}}, {"quotes.json": ROWS})
 
 

@@ -62,14 +62,16 @@ def test_cpuinfo_of_the_first_processor_is_read():
 
 
 def test_this_machine_is_detected_from_its_cpuinfo():
+    """The flags read agree with the vector width torch itself dispatches to on this CPU."""
     found = cpu.detect()
-    assert found.model and found.torch_capability == torch.backends.cpu.get_cpu_capability()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError:
-        pytest.skip("no /proc/cpuinfo here")
-    assert found == cpu.parse_cpuinfo(text, found.torch_capability)
+    if not found.flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    assert found.model and found.vendor
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        assert found.has("AVX-512") and found.has("AVX2")
+    elif capability.startswith("AVX2"):
+        assert found.has("AVX2")  # (torch may be told to stay below the CPU: ATEN_CPU_CAPABILITY)
 
 
 def plans(found: cpu.FeatureSet) -> tuple[cpu.CpuPlan, cpu.CpuPlan]:

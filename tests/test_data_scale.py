@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import as_tuples
 
 from tunesmith.config import load_config
 from tunesmith.data import chunks, readers, store
@@ -25,13 +26,6 @@ from tunesmith.data.pipeline import data_fingerprint, tokenize_datasets
 from tunesmith.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture()
-def cache_home(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("TUNESMITH_CACHE", str(folder))
-    return folder
 
 
 @pytest.fixture()
@@ -45,10 +39,6 @@ def cfg_for(repo_data: Path, **overrides):
               "max_samples": 40, "preprocessing_num_workers": 1}
     values.update(overrides)
     return load_config(None, values)
-
-
-def as_tuples(samples):
-    return [(s.input_ids, s.labels, s.source, s.truncated) for s in samples]
 
 
 def direct(repo_data: Path, tokenizer, cfg) -> list[Encoded]:

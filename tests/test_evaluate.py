@@ -91,16 +91,6 @@ def test_eval_writes_predictions_and_scores_against_the_libraries(trained_run, t
     assert "trained" in table and "base" in table and f"{results['predict_bleu-4']:.2f}" in table
 
 
-def test_scores_match_the_libraries_on_mixed_text():
-    from tunesmith.evaluate import score
-
-    predictions = ["1 plus 2 is 4.", "The capital is Paris, I think.", "北京是中国的城市。", "我是助手", ""]
-    labels = ["1 plus 2 is 3.", "Paris is the capital of France.", "北京是中国的首都。", "我是一个乐于助人的助手。",
-              "Nothing came."]
-    got, expected = score(predictions, labels), direct_scores(predictions, labels)
-    assert got == pytest.approx(expected) and 0 < got["bleu-4"] < 100 and 0 < got["rouge-2"] < got["rouge-1"]
-
-
 def test_chinese_is_scored_by_characters_and_english_by_words():
     import sacrebleu
 

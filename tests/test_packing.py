@@ -446,3 +446,8 @@ def test_one_call_is_taken_only_where_its_padding_stays_small():
     lengths = [2000] + [50] * 40  # 41 x 2000 slots for 4,000 tokens
     assert not one_call_pays(torch.tensor([0, *itertools.accumulate(lengths)]))
     assert not one_call_pays(torch.tensor([0]))
+    from tunesmith.train.attention import SAMPLE_SLOTS
+    from tunesmith.train.distributed import to_device
+
+    skewed = collate([[sample(0, 3, 200), *(sample(k, 9 * k, 5) for k in range(1, 40))]], 0, "varlen")
+    assert SAMPLE_SLOTS not in to_device(skewed, torch.device("meta"))  # so every layer loops per sample

@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import as_tuples
 
 from tunesmith.config import DataArgs, load_config
 from tunesmith.data.encode import IGNORE_INDEX, PROMPT_TOO_LONG, encode
 from tunesmith.data.pipeline import dump, preview, tokenize_datasets
 from tunesmith.errors import UserError
-
-
-@pytest.fixture()
-def cache_home(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("TUNESMITH_CACHE", str(folder))
-    return folder
 
 
 @pytest.fixture()
@@ -46,10 +40,6 @@ def cfg_for(data_dir: Path, **overrides):
     values = {"dataset": "identity", "dataset_dir": str(data_dir), "cutoff_len": 256}
     values.update(overrides)
     return load_config(None, values)
-
-
-def as_tuples(samples):
-    return [(s.input_ids, s.labels, s.source, s.truncated) for s in samples]
 
 
 def test_second_call_loads_from_cache(tokenizer, data_dir, cache_home, capsys):

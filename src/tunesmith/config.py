@@ -400,7 +400,6 @@ ALIASES: dict[str, tuple[str, dict[Any, Any]]] = {
                                            "fa2": "flash_attention_2"}),
     "disable_shuffling": ("shuffle", {True: False, False: True}),
 }
-# Values of an unsupported key that ask for nothing beyond what is built (LLaMA-Factory's defaults).
 
 
 @dataclass

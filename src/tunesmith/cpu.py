@@ -41,32 +41,16 @@ class FeatureSet:
         return all(flag in self.flags for flag in _FEATURES[feature])
 
     @property
-    def avx2(self) -> bool:
-        return self.has("AVX2")
-
-    @property
-    def avx512(self) -> bool:
-        return self.has("AVX-512")
-
-    @property
-    def avx512_bf16(self) -> bool:
-        return self.has("AVX512-BF16")
-
-    @property
-    def amx(self) -> bool:
-        return self.has("AMX")
-
-    @property
     def native_bf16(self) -> bool:
         """bf16 instructions in hardware; elsewhere torch emulates bf16, slowly."""
-        return self.avx512_bf16 or self.amx
+        return self.has("AVX512-BF16") or self.has("AMX")
 
     @property
     def fast_bf16_products(self) -> bool:
         """bf16 matrix products measured faster than fp32: on AMX, and with AVX512-BF16 on AMD
         (992 vs 498 GFLOP/s). An Intel Xeon with AVX512-BF16 but no AMX ran them at half the fp32
         rate (165 vs 318 GFLOP/s)."""
-        return self.amx or (self.avx512_bf16 and self.vendor == "AMD")
+        return self.has("AMX") or (self.has("AVX512-BF16") and self.vendor == "AMD")
 
     def names(self) -> list[str]:
         return [name for name in _FEATURES if self.has(name)]
@@ -179,7 +163,7 @@ def cpu_plan(features: FeatureSet, dtype: str) -> CpuPlan:
     products = _fp32_products(features)
     # torch runs bf16 products on oneDNN where the CPU has AVX-512 (its own dispatch); ours are
     # fp32 products where the plan puts them there.
-    on_onednn = products.on if dtype == "fp32" else features.avx512
+    on_onednn = products.on if dtype == "fp32" else features.has("AVX-512")
     padding = Choice(True, str(ROW_MULTIPLE), "oneDNN keeps a kernel per product shape (0.7 MB each): padded "
                                               "token counts bound them") if on_onednn else \
         Choice(False, "none", "products not on oneDNN: no per-shape kernels to bound")
@@ -188,10 +172,10 @@ def cpu_plan(features: FeatureSet, dtype: str) -> CpuPlan:
 
 
 def _fp32_products(features: FeatureSet) -> Choice:
-    if features.avx512:
+    if features.has("AVX-512"):
         return Choice(True, "oneDNN", "oneDNN uses AVX-512 where torch's BLAS may not: 2.2x on AMD EPYC, "
                                       "1.13x on an Intel Xeon with AMX")
-    if features.avx2:
+    if features.has("AVX2"):
         return Choice(True, "oneDNN", "AVX2 only: oneDNN picks its AVX2 kernels by feature, not vendor, and "
                                       "torch's BLAS can do no better; not measured, on for the bounded shapes")
     return Choice(False, "torch matmul", "no AVX2/AVX-512: oneDNN's gain was measured only with AVX-512")
@@ -205,7 +189,7 @@ def _training_forwards(dtype: str) -> Choice:
 
 
 def _bf16_attention(features: FeatureSet) -> Choice:
-    if features.amx:
+    if features.has("AMX"):
         return Choice(True, "matmul", "bf16 products on the AMX tiles, softmax in fp32")
     if features.fast_bf16_products:
         return Choice(True, "matmul", "bf16 products +17% over the fp32 kernel (587 vs 500 tokens/s, AMD EPYC)")

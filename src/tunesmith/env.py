@@ -75,14 +75,13 @@ def cpu_report() -> list[str]:
     """The CPU, its features, and the kernels a run would use on it in fp32 and in bf16, each with
     its reason."""
     found = detect()
+    plans = {dtype: cpu_plan(found, dtype) for dtype in ("fp32", "bf16")}
     vector = sorted(f for f in found.flags if f.startswith(("avx512", "amx")))
     lines = [f"cpu: {found.describe()}; torch uses {found.torch_capability}",
              f"cpu flags: {' '.join(vector) or 'no AVX-512/AMX'}",
-             f"bf16 on cpu: {'yes' if found.native_bf16 else 'no (emulated, slow)'}, "
-             f"{cpu_plan(found, 'bf16').bf16.value}"]
+             f"bf16 on cpu: {'yes' if found.native_bf16 else 'no (emulated, slow)'}, {plans['bf16'].bf16.value}"]
     said: set[str] = set()
-    for dtype in ("fp32", "bf16"):
-        plan = cpu_plan(found, dtype)
+    for dtype, plan in plans.items():
         lines.append(f"cpu kernels in {dtype}: {plan.summary()}")
         for name, choice in plan.choices().items():
             if choice.reason not in said:  # the bf16 plan repeats some of fp32's

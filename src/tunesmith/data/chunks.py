@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -130,8 +129,8 @@ class WorkerState:
     data_args: DataArgs
     specs: dict[str, list[DatasetSpec]]  # split -> its datasets
     folder: Path
+    rules: FlagRules  # built before the workers fork, so each inherits it
     default_system: str | None = None
-    rules: FlagRules | None = None
 
 
 _state: WorkerState | None = None
@@ -155,9 +154,6 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
     """Parse, convert, encode and store one chunk; returns its summary (also stored with it)."""
     state = _state
     assert state is not None, "tokenize_chunk runs after _set_state"
-    if state.rules is None:
-        tokenizer = state.tokenizer
-        state.rules = FlagRules(tokenizer.wrapped if isinstance(tokenizer, DirectTokenizer) else tokenizer)
     specs = state.specs[job.split]
     convs: list[Conversation] = []
     conv_datasets: list[int] = []
@@ -235,7 +231,6 @@ class _Progress:
     desc: str
     bar: Any = None
     done_bytes: dict[str, float] = field(default_factory=dict)
-    sizes: dict[str, float] = field(default_factory=dict)
 
     def at(self, path: Any, offset: int) -> None:
         self.done_bytes[str(path)] = float(offset)
@@ -268,17 +263,13 @@ class BuildResult:
     chunks: dict[str, int]  # split -> number of chunks
     tokenized: int  # chunks this process tokenized now (the others were done before or by other ranks)
     rows: int
-    seconds: float
 
 
 def build_chunks(folder: Path, splits: dict[str, list[DatasetSpec]], tokenizer: Any, data_args: DataArgs, *,
                  max_samples: int | None, seed: int, num_workers: int, rank: int = 0, world: int = 1,
-                 chunk_rows: int | None = None, on_chunk: Callable[[str, int], None] | None = None,
                  default_system: str | None = None) -> BuildResult:
     """Tokenize every chunk of every split that is this process's share and not yet in `folder`."""
-    started = time.perf_counter()
-    chunk_rows = chunk_rows or CHUNK_ROWS
-    state = WorkerState(direct_if_same(tokenizer), data_args, splits, folder, default_system)
+    state = WorkerState(direct_if_same(tokenizer), data_args, splits, folder, FlagRules(tokenizer), default_system)
     paths = [p for specs in splits.values() for spec in specs for p in spec.paths]
     progress = _Progress(sum(file_progress(p) for p in paths), "Tokenizing")
     progress.start()
@@ -288,27 +279,25 @@ def build_chunks(folder: Path, splits: dict[str, list[DatasetSpec]], tokenizer: 
     pending: deque[Any] = deque()
     buffered: list[Job] = []  # jobs read before the pool is started (small data never starts one)
 
+    def finished(job: Job) -> None:
+        nonlocal done, rows
+        done += 1
+        rows += len(job.records)
+        progress.update(len(job.records))
+
     def run_here(job: Job) -> None:
         _set_state(state)
         tokenize_chunk(job)
-
-    def finished(job_rows: int) -> None:
-        nonlocal done, rows
-        done += 1
-        rows += job_rows
-        progress.update(job_rows)
+        finished(job)
 
     try:
         for split, specs in splits.items():
-            for job in jobs(split, specs, max_samples, seed, progress, chunk_rows):
+            for job in jobs(split, specs, max_samples, seed, progress, CHUNK_ROWS):
                 counts[split] = job.number + 1
                 if job.number % world != rank or store.chunk_done(folder, split, job.number):
                     continue
                 if num_workers <= 1:
                     run_here(job)
-                    finished(len(job.records))
-                    if on_chunk:
-                        on_chunk(split, job.number)
                     continue
                 if pool is None:
                     buffered.append(job)
@@ -321,29 +310,23 @@ def build_chunks(folder: Path, splits: dict[str, list[DatasetSpec]], tokenizer: 
                 for item in queued:
                     pending.append((pool.apply_async(tokenize_chunk, (item,)), item))
                     while len(pending) >= 2 * num_workers:
-                        _collect(pending.popleft(), finished, on_chunk)
+                        _collect(pending.popleft(), finished)
         for job in buffered:
             run_here(job)
-            finished(len(job.records))
-            if on_chunk:
-                on_chunk(job.split, job.number)
         while pending:
-            _collect(pending.popleft(), finished, on_chunk)
+            _collect(pending.popleft(), finished)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-    return BuildResult(counts, done, rows, time.perf_counter() - started)
+    return BuildResult(counts, done, rows)
 
 
-def _collect(item: tuple[Any, Job], finished: Callable[[int], None],
-             on_chunk: Callable[[str, int], None] | None) -> None:
+def _collect(item: tuple[Any, Job], finished: Callable[[Job], None]) -> None:
     result, job = item
     result.get()
-    finished(len(job.records))
-    if on_chunk:
-        on_chunk(job.split, job.number)
+    finished(job)
 
 
 def _start_pool(state: WorkerState, workers: int) -> Any:

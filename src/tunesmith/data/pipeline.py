@@ -57,16 +57,6 @@ class SplitReport:
     tokens: int = 0  # all tokens: what a padding-free (packed) epoch processes
 
     @classmethod
-    def build(cls, kept: Sequence[Encoded], dropped: Sequence[Dropped]) -> SplitReport:
-        lengths = np.array([len(s.input_ids) for s in kept], dtype=np.int64)
-        reasons = Counter(d.reason for d in dropped)
-        rep = cls(samples=len(kept), dropped=dict(reasons),
-                  dropped_examples=[(d.source[0], d.source[1], d.reason) for d in dropped[:MAX_DROP_EXAMPLES]],
-                  truncated=sum(s.truncated for s in kept),
-                  trained_tokens=sum(s.trained_tokens for s in kept), tokens=int(lengths.sum()))
-        return rep.with_lengths(lengths)
-
-    @classmethod
     def from_records(cls, records: np.ndarray, dropped: Sequence[Sequence[Any]]) -> SplitReport:
         """From a store's index records and the (dataset, row, reason) of every dropped row."""
         lengths = records["length"].astype(np.int64)
@@ -74,16 +64,12 @@ class SplitReport:
                   dropped_examples=[(str(d[0]), int(d[1]), str(d[2])) for d in dropped[:MAX_DROP_EXAMPLES]],
                   truncated=int(((records["flags"] & store.TRUNCATED) != 0).sum()),
                   trained_tokens=int(records["trained"].astype(np.int64).sum()), tokens=int(lengths.sum()))
-        return rep.with_lengths(lengths)
-
-    def with_lengths(self, lengths: np.ndarray) -> SplitReport:
-        """Fill in the length statistics of the kept samples."""
         if len(lengths):
-            self.length_min, self.length_max = int(lengths.min()), int(lengths.max())
-            self.length_mean = float(lengths.mean())
-            self.length_p50 = int(np.percentile(lengths, 50, method="lower"))
-            self.length_p90 = int(np.percentile(lengths, 90, method="lower"))
-        return self
+            rep.length_min, rep.length_max = int(lengths.min()), int(lengths.max())
+            rep.length_mean = float(lengths.mean())
+            rep.length_p50 = int(np.percentile(lengths, 50, method="lower"))
+            rep.length_p90 = int(np.percentile(lengths, 90, method="lower"))
+        return rep
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitReport:
@@ -427,6 +413,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def data_key(cfg: RunConfig, tokenizer: Any) -> str:
+    """The cache key of the config's data; resolving the dataset names (to hash their files)
+    reports an unknown dataset before any tokenizing."""
+    d = cfg.data
+    eval_names = _names(d.eval_dataset)
+    return cache_key(cfg, tokenizer, data_fingerprint(_names(d.dataset), d.dataset_dir),
+                     data_fingerprint(eval_names, d.dataset_dir) if eval_names else "")
+
+
 def store_target(cfg: RunConfig, key: str) -> Path:
     from tunesmith.files import cache_dir
 
@@ -446,7 +441,7 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
     """
     d = cfg.data
     where = cfg.source or "config"
-    train_names, eval_names = _names(d.dataset), _names(d.eval_dataset)
+    train_names = _names(d.dataset)
     say = (lambda _m: None) if quiet or rank else _say
     if d.eval_dataset and d.val_size > 0:
         raise UserError(f"{where}: both 'eval_dataset' and 'val_size' are set; use one of them.")
@@ -456,8 +451,7 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
         say(f"Opened tokenized data from tokenized_path {d.tokenized_path} "
             f"({len(data.train)} train, {len(data.eval)} eval samples).")
         try:  # the data files need not be present to train from tokenized_path
-            current = cache_key(cfg, tokenizer, data_fingerprint(train_names, d.dataset_dir),
-                                data_fingerprint(eval_names, d.dataset_dir) if eval_names else "")
+            current = data_key(cfg, tokenizer)
         except UserError:
             current = data.key
         if current != data.key:
@@ -470,10 +464,7 @@ def tokenize_datasets(cfg: RunConfig, tokenizer: Any, *, num_workers: int | None
         raise UserError(f"{where}: 'dataset' is not set; name the training dataset(s) from "
                         f"{Path(d.dataset_dir) / 'dataset_info.json'}.")
 
-    # Resolving the names first also reports an unknown dataset before any tokenizing.
-    train_fp = data_fingerprint(train_names, d.dataset_dir)
-    eval_fp = data_fingerprint(eval_names, d.dataset_dir) if eval_names else ""
-    key = cache_key(cfg, tokenizer, train_fp, eval_fp)
+    key = data_key(cfg, tokenizer)
     target = store_target(cfg, key)
     if d.tokenized_path and target.exists() and not (target / "meta.json").exists() and \
             (target.is_file() or any(target.iterdir())):

@@ -187,9 +187,7 @@ class SampleView(Sequence[Encoded]):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         p = self._pos(i)
-        ids, trained = self._split.tokens(p)
-        id_list = ids.tolist()
-        labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+        id_list, labels = self._ids_and_labels(p)
         rec = self._split.index[p]
         return Encoded(input_ids=id_list, labels=labels,
                        source=(self._split.datasets[int(rec["dataset"])], int(rec["row"])),
@@ -216,8 +214,8 @@ class SampleView(Sequence[Encoded]):
         return self.records["length"].astype(np.int64)
 
     @property
-    def sources(self) -> SourceList:
-        return SourceList(self)
+    def sources(self) -> LazyList:
+        return LazyList(len(self), self.source)
 
     def source(self, i: int) -> tuple[str, int]:
         rec = self._split.index[self._pos(i)]
@@ -225,43 +223,32 @@ class SampleView(Sequence[Encoded]):
 
     def training_sample(self, i: int) -> Sample:
         p = self._pos(i)
+        return Sample(*self._ids_and_labels(p), i, self._split.weights(p))
+
+    def _ids_and_labels(self, p: int) -> tuple[list[int], list[int]]:
         ids, trained = self._split.tokens(p)
-        return Sample(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), i, self._split.weights(p))
+        return ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist()
 
-    def as_samples(self) -> TrainingSamples:
-        return TrainingSamples(self)
+    def as_samples(self) -> LazyList:
+        """The samples the training loop batches, read from the store when a micro-batch is built."""
+        return LazyList(len(self), self.training_sample, self.lengths)
 
 
-class SourceList(Sequence[tuple[str, int]]):
-    """(dataset, row) of each sample of a view, made on demand (for messages about a sample)."""
+class LazyList(Sequence[Any]):
+    """Items of a view made on demand by `get(i)` (sources for messages, or the training loop's
+    samples); `lengths` (numpy), when given, is all the batch planner needs."""
 
-    def __init__(self, view: SampleView) -> None:
-        self._view = view
+    def __init__(self, length: int, get: Callable[[int], Any], lengths: np.ndarray | None = None) -> None:
+        self._length, self._get = length, get
+        self.lengths = lengths
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._length
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
-            return [self._view.source(k) for k in range(*i.indices(len(self)))]
-        return self._view.source(i)
-
-
-class TrainingSamples(Sequence[Sample]):
-    """The samples the training loop batches, read from the store when a micro-batch is built;
-    `lengths` (numpy) is all the planner needs."""
-
-    def __init__(self, view: SampleView) -> None:
-        self._view = view
-        self.lengths = view.lengths
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self._view.training_sample(k) for k in range(*i.indices(len(self)))]
-        return self._view.training_sample(i)
+            return [self._get(k) for k in range(*i.indices(self._length))]
+        return self._get(i)
 
 
 def sample_lengths(samples: Sequence[Any]) -> np.ndarray:

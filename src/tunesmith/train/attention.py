@@ -156,7 +156,7 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if cu_seq_lens_q is None or not whole_rows:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if slots is not None and one_call_pays(cu_seq_lens_q):
+    if slots is not None:  # present only where the one call pays (distributed.to_device)
         return _one_call_varlen(module, query, key, value, cu_seq_lens_q, slots, dropout=dropout,
                                 scaling=scaling, **kwargs), None
     dtype = query.dtype

@@ -39,7 +39,7 @@ import torch
 
 from tunesmith.errors import UserError
 from tunesmith.run_folder import STATE
-from tunesmith.train.attention import HOST_BOUNDS, SAMPLE_SLOTS, sample_slots
+from tunesmith.train.attention import HOST_BOUNDS, SAMPLE_SLOTS, one_call_pays, sample_slots
 from tunesmith.train.checkpoint import rng_state, set_rng_state
 
 INSTALL_HINT = "install it with: pip install 'tunesmith[deepspeed]' (on a machine with CUDA)"
@@ -501,11 +501,12 @@ def prepare(accelerator: Any, module: torch.nn.Module, optimizer: Any) -> tuple[
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch on the training device, plus what the varlen sdpa kernel reads in every layer, built
     once here: a host copy of the sample boundaries (reading them from the GPU would sync each time)
-    and, off the CPU, the token slots of its one-call path (attention.sample_slots)."""
+    and, off the CPU, the token slots of its one-call path (attention.sample_slots) where that path
+    pays for this batch (attention.one_call_pays)."""
     moved = {k: v.to(device) for k, v in batch.items()}
     if "cu_seq_lens_q" in batch:
         moved[HOST_BOUNDS] = batch["cu_seq_lens_q"].cpu()  # already on the host: no copy, no sync
-        if torch.device(device).type != "cpu":
+        if torch.device(device).type != "cpu" and one_call_pays(moved[HOST_BOUNDS]):
             moved[SAMPLE_SLOTS] = sample_slots(moved[HOST_BOUNDS]).to(device)
     return moved
 

@@ -27,11 +27,12 @@ Whether fp32 products take oneDNN, and whether pieces are padded, is the CPU pla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.cpu import ROW_MULTIPLE, plan_in_use
+from tunesmith.cpu import ROW_MULTIPLE, Choice, plan_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -107,10 +108,10 @@ def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
 def cpu_kernels(mixed_precision: bool) -> str:
     """One line naming the CPU kernels a run uses: the plan's, less what this torch build cannot run."""
     plan = plan_in_use("bf16" if mixed_precision else "fp32")
-    line = plan.summary()
     if plan.fp32_products.on and not _onednn_exact():
-        line = line.replace("fp32 products oneDNN", "fp32 products torch matmul (oneDNN not exact in this build)")
-    return line
+        plan = dataclasses.replace(plan, fp32_products=Choice(False, "torch matmul (oneDNN not exact in this build)",
+                                                              plan.fp32_products.reason))
+    return plan.summary()
 
 
 def cpu_row_multiple(mixed_precision: bool) -> int | None:

@@ -287,7 +287,7 @@ def _open_stream(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Samp
         eval_cfg = copy.deepcopy(cfg)
         eval_cfg.data.dataset, eval_cfg.data.shuffle = list(cfg.data.eval_dataset), False
         evals = SampleStream(eval_cfg, tokenizer).first_pass()
-    first = list(itertools.islice(iter(SampleStream(cfg, tokenizer)), PREFLIGHT_STREAM_SAMPLES))
+    first = list(itertools.islice(iter(stream), PREFLIGHT_STREAM_SAMPLES))  # iterating moves no position
     preflight(first, tokenizer, cfg, out if accelerator.is_main_process else None)
     return tokenizer, stream, evals
 
@@ -308,7 +308,7 @@ def _take_output_dir(cfg: RunConfig, accelerator: Any) -> tuple[Path, Path | Non
 def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
     """Tokenized once into the token store, every process tokenizing its share of the chunks and
     polling the store for the rest (no collective waits out the tokenization); then the preflight."""
-    from tunesmith.data.pipeline import discard_store, tokenize_datasets
+    from tunesmith.data.pipeline import data_key, discard_store, store_target, tokenize_datasets
 
     tokenizer = load_tokenizer(cfg.model)
     # The processes of one machine share its cache folder: they split the chunks among them, and
@@ -319,22 +319,13 @@ def _load_data(cfg: RunConfig, accelerator: Any, out: Path) -> tuple[Any, Any]:
     view = cfg
     if accelerator.num_processes > 1 and cfg.data.overwrite_cache:
         if accelerator.is_local_main_process:  # before any process could open the old store
-            discard_store(_store_target(cfg, tokenizer))
+            discard_store(store_target(cfg, data_key(cfg, tokenizer)))
         accelerator.wait_for_everyone()
         view = copy.copy(cfg)  # discarded once above: no process may discard what the others write
         view.data = copy.copy(cfg.data)
         view.data.overwrite_cache = False
     data = tokenize_datasets(view, tokenizer, rank=rank, world=world)
     return tokenizer, _checked(data, tokenizer, cfg, out, accelerator)
-
-
-def _store_target(cfg: RunConfig, tokenizer: Any) -> Path:
-    from tunesmith.data.pipeline import cache_key, data_fingerprint, store_target
-
-    d = cfg.data
-    eval_fp = data_fingerprint(list(d.eval_dataset or []), d.dataset_dir) if d.eval_dataset else ""
-    return store_target(cfg, cache_key(cfg, tokenizer, data_fingerprint(list(d.dataset or []), d.dataset_dir),
-                                       eval_fp))
 
 
 def _checked(data: Any, tokenizer: Any, cfg: RunConfig, out: Path, accelerator: Any) -> Any:

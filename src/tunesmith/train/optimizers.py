@@ -22,7 +22,7 @@ BNB_HINT = "install it with: pip install 'tunesmith[qlora]'"
 
 
 def split_by_lr(param_groups: list[dict[str, Any]], learning_rate: float) -> list[dict[str, Any]]:
-    """Each group split by its parameters' peak learning rates, with `lr` set; empty groups dropped."""
+    """Each group split by its parameters' peak learning rates, with `lr` set (no group is empty)."""
     out: list[dict[str, Any]] = []
     for group in param_groups:
         by_lr: dict[float, list[torch.nn.Parameter]] = {}
@@ -31,7 +31,7 @@ def split_by_lr(param_groups: list[dict[str, Any]], learning_rate: float) -> lis
             by_lr.setdefault(float(lr), []).append(param)
         for lr, params in by_lr.items():
             out.append({**group, "params": params, "lr": lr})
-    return [group for group in out if group["params"]]
+    return out
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -54,13 +54,13 @@ class MlflowTracker:
         import mlflow
 
         self.mlflow = mlflow
-        self.run: Any = None
 
     def start(self, params: dict[str, Any], run_name: str, output_dir: Path) -> None:
         mlflow = self.mlflow
-        # MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME and MLFLOW_RUN_ID are read by mlflow itself.
+        # MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME and MLFLOW_RUN_ID are read by mlflow itself;
+        # the run it starts is mlflow's active run, which the calls below address.
         try:
-            self.run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
+            mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
         except mlflow.exceptions.MlflowException as exc:
             raise UserError(f"report_to mlflow: MLflow refused to start a run at tracking URI "
                             f"{mlflow.get_tracking_uri()!r}: {exc.message}",

@@ -24,7 +24,15 @@ from tunesmith.run_folder import RUN_MARKERS, list_checkpoints
 from tunesmith.template import template_names
 from tunesmith.ui import form
 from tunesmith.ui.evaluate_tab import build_evaluate_tab
-from tunesmith.ui.runs import CONFIG_FILE, RunManager, RunStatus, console_text, error_text, follow_command
+from tunesmith.ui.runs import (
+    CONFIG_FILE,
+    RunManager,
+    RunStatus,
+    console_text,
+    error_block,
+    error_text,
+    follow_command,
+)
 from tunesmith.ui.workspace import Workspace
 
 # The Train form, by section; every other key goes in the "More keys" box as YAML.
@@ -48,12 +56,6 @@ CSS = """
 .gradio-container {max-width: 1400px !important}
 .wrap-code pre, .wrap-code code {white-space: pre-wrap !important; overflow-wrap: anywhere}
 """
-
-
-def _error_block(exc: UserError | str) -> str:
-    """An error as the CLI prints it, in a code block so its layout survives."""
-    text = exc if isinstance(exc, str) else f"error: {exc}"
-    return f"```text\n{text.replace('```', '` ` `')}\n```"
 
 
 def loss_figure(status: RunStatus, width: float, height: float) -> Any:
@@ -229,7 +231,7 @@ class WebUI:
             self.workspace.path(export_dir or "", "export_dir")
             cfg, source = self.chat_source(model, run_folder, template)
         except UserError as exc:
-            yield "", _error_block(exc)
+            yield "", error_block(exc)
             return
         settings = {**settings_for(source), "template": cfg.model.template,
                     "export_dir": (export_dir or "").strip() or None,
@@ -241,7 +243,7 @@ class WebUI:
             if code is None:
                 yield console, working
         if code != 0:
-            yield console, _error_block(error_text(console) or f"tunesmith export exited with code {code}")
+            yield console, error_block(error_text(console) or f"tunesmith export exited with code {code}")
             return
         out = Path(settings["export_dir"]).expanduser().resolve()
         files = sorted(p for p in out.iterdir() if p.is_file())
@@ -381,7 +383,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             try:
                 names, note = dataset_choices(dataset_dir, ui.workspace)
             except UserError as exc:
-                return gr.update(choices=[], value=[]), _error_block(exc), gr.update(value=None, visible=False)
+                return gr.update(choices=[], value=[]), error_block(exc), gr.update(value=None, visible=False)
             kept = [n for n in (chosen or []) if n in names]
             table, preview_text = _safe_preview(dataset_dir, kept, ui.workspace)
             return gr.update(choices=names, value=kept), note + ("  \n" + preview_text if preview_text else ""), table
@@ -402,7 +404,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             try:
                 _, text = ui.form_yaml(list(values[:-1]), values[-1])
             except UserError as exc:
-                return gr.update(visible=False), _error_block(exc)
+                return gr.update(visible=False), error_block(exc)
             return gr.update(value=text, visible=True), "The YAML below is what Start runs."
 
         def save_config(path: str, *values: Any) -> tuple[Any, str]:
@@ -412,23 +414,23 @@ def build_app(ui: WebUI | None = None) -> Any:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text, encoding="utf-8")
             except UserError as exc:
-                return gr.update(), _error_block(exc)
+                return gr.update(), error_block(exc)
             except OSError as exc:
-                return gr.update(), _error_block(f"error: cannot write {path}: {exc.strerror}")
+                return gr.update(), error_block(f"error: cannot write {path}: {exc.strerror}")
             return gr.update(value=text, visible=True), f"Saved to `{target}`."
 
         def load_config_file(path: str) -> list[Any]:
             try:
                 return _form_updates(gr, ui, path.strip(), "Loaded")
             except UserError as exc:
-                return [gr.update() for _ in FORM_KEYS] + [gr.update(), _error_block(exc), gr.update(), gr.update()]
+                return [gr.update() for _ in FORM_KEYS] + [gr.update(), error_block(exc), gr.update(), gr.update()]
 
         def start_run(*values: Any) -> list[Any]:
             unchanged = [gr.update()] * 9
             try:
                 settings, text, out = ui.start(list(values[:-1]), values[-1])
             except UserError as exc:
-                return [gr.update(visible=False), _error_block(exc), *unchanged]
+                return [gr.update(visible=False), error_block(exc), *unchanged]
             model = settings["model_name_or_path"] or DEFAULT_MODEL
             template = settings["template"] or "auto"
             return [gr.update(value=text, visible=True),
@@ -461,7 +463,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             try:
                 return str(ui.workspace.path(path, "output_dir")), {}, gr.update()
             except UserError as exc:
-                return "", {}, _error_block(exc)
+                return "", {}, error_block(exc)
 
         watch_btn.click(watch, [monitor_dir], [watched, seen, monitor_status], api_name="watch")
         monitor_dir.submit(watch, [monitor_dir], [watched, seen, monitor_status])
@@ -472,7 +474,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             status = ui.runs.status(path)
             summary = status.summary()
             if status.error:
-                summary += "\n\n" + _error_block(status.error)
+                summary += "\n\n" + error_block(status.error)
             points = (len(status.train_points), len(status.eval_points), status.total_steps)
             console = console_text(Path(path))
             updates = [
@@ -511,7 +513,7 @@ def build_app(ui: WebUI | None = None) -> Any:
             try:
                 engine = ui.load_engine(model, run_folder, template)
             except UserError as exc:
-                return _error_block(exc), None, [], []
+                return error_block(exc), None, [], []
             key = ((model or DEFAULT_MODEL).strip(), (run_folder or "").strip(), template or "auto")
             return f"Loaded {engine.description}.", key, [], []
 
@@ -534,7 +536,7 @@ def build_app(ui: WebUI | None = None) -> Any:
                     reply += piece
                     yield [*turns, {"role": "assistant", "content": reply}], "", gr.skip(), gr.skip()
             except UserError as exc:
-                yield turns, "", past, _error_block(exc)
+                yield turns, "", past, error_block(exc)
                 return
             done = [*turns, {"role": "assistant", "content": reply}]
             yield done, "", done, gr.skip()
@@ -560,7 +562,7 @@ def _safe_preview(dataset_dir: str, names: list[str], workspace: Workspace) -> t
     try:
         table, text = dataset_preview(dataset_dir, names, workspace)
     except UserError as exc:
-        return gr.update(value=None, visible=False), _error_block(exc)
+        return gr.update(value=None, visible=False), error_block(exc)
     return gr.update(value=table, visible=not table.empty), text
 
 

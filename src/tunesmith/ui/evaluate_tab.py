@@ -16,7 +16,7 @@ from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import UserError
 from tunesmith.loading import settings_for
 from tunesmith.ui import form
-from tunesmith.ui.runs import error_text, follow_command
+from tunesmith.ui.runs import error_block, error_text, follow_command
 
 METRIC_KEYS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "samples", "samples_per_second")
 
@@ -46,7 +46,7 @@ def run_eval(work_dir: Path, settings: dict[str, Any], compare_base: bool) -> It
             yield console, working
     if code != 0:
         text = error_text(console) or f"tunesmith eval exited with code {code}"
-        yield console, f"```text\n{text.replace('```', '` ` `')}\n```"
+        yield console, error_block(text)
         return
     results = {"trained": json.loads((folder / "predict_results.json").read_text(encoding="utf-8"))}
     if compare_base:
@@ -85,7 +85,7 @@ def build_evaluate_tab(ui: Any, templates: list[str]) -> None:
                 cfg, source = ui.chat_source(model, run, template)
                 data = ui.workspace.path(dataset_dir or "data", "dataset_dir")
             except UserError as exc:
-                yield "", f"```text\n{str(exc).replace('```', '` ` `')}\n```"
+                yield "", error_block(str(exc))
                 return
             settings = {**settings_for(source), "template": cfg.model.template, "dataset_dir": str(data),
                         "eval_dataset": (dataset or "").strip() or None, "max_samples": max_samples,

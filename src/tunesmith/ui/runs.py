@@ -169,6 +169,12 @@ def follow_command(args: list[str], working: str) -> Iterator[tuple[str, str, in
     yield "\n".join(lines), "", process.wait()
 
 
+def error_block(exc: UserError | str) -> str:
+    """An error as the CLI prints it, in a code block so its layout survives."""
+    text = exc if isinstance(exc, str) else f"error: {exc}"
+    return f"```text\n{text.replace('```', '` ` `')}\n```"
+
+
 def error_text(console: str) -> str | None:
     """The error the CLI printed (`error: ...` and its hint), else the tail of a traceback."""
     lines = console.split("\n")
