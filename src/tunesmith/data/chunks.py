@@ -63,6 +63,8 @@ class DirectTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.wrapped = tokenizer
         self._backend = tokenizer.backend_tokenizer
+        # encode_batch_fast (tokenizers >= 0.21) gives encode_batch's ids without tracking offsets.
+        self._encode_batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
@@ -88,8 +90,9 @@ class DirectTokenizer:
                 out["offset_mapping"] = enc.offsets
             return out
         if isinstance(text, list) and not return_offsets_mapping and all(isinstance(t, str) for t in text):
-            # A conversation's pieces (template.encode_segments): one backend call for all of them.
-            return {"input_ids": [enc.ids for enc in self._backend.encode_batch(text, add_special_tokens=False)]}
+            # A conversation's pieces (template.encode_segments): one backend call for all of them,
+            # without the character offsets nobody reads here (a third of the tokenizer's time).
+            return {"input_ids": [enc.ids for enc in self._encode_batch(text, add_special_tokens=False)]}
         return self.wrapped(text, add_special_tokens=False, return_offsets_mapping=return_offsets_mapping)
 
 
