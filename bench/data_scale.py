@@ -76,7 +76,8 @@ def dataset_folder(data_file: Path, folder: Path) -> Path:
 
 
 def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = None) -> dict:
-    """Run cmd; wall seconds, peak RSS (GiB) and exit status; kill_when() -> True kills it."""
+    """Run cmd; wall seconds, peak RSS (GiB), CPU seconds (the command and its reaped workers; the
+    figure a loaded machine changes least) and exit status; kill_when() -> True kills it."""
     started = time.time()
     with log.open("w") as handle:
         child = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -90,7 +91,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
                 break
             time.sleep(0.1)
     return {"seconds": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
-            "exit": os.waitstatus_to_exitcode(status)}
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "exit": os.waitstatus_to_exitcode(status)}
 
 
 def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, model: str, extra: dict | None = None,

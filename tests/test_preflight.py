@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 
 from tunesmith.config import load_config
+from tunesmith.data import store
 from tunesmith.data.encode import IGNORE_INDEX, Encoded, encode
-from tunesmith.data.preflight import FATAL, INFO, WARNING, preflight, run_preflight
+from tunesmith.data.preflight import FATAL, INFO, WARNING, FlagRules, preflight, run_preflight
 from tunesmith.errors import UserError
 from tunesmith.template import TEMPLATES, Conversation, apply_template
 
@@ -169,3 +171,21 @@ def test_a_fatal_finding_stops_the_run_before_the_model_loads(tmp_path, tiny_mod
         run_training(cfg)
     assert "FATAL: no sample trains the end-of-turn token" in (out / "preflight.txt").read_text()
     assert not (out / "trainer_log.jsonl").exists()
+
+
+def test_flags_of_a_chunk_equal_each_sample_alone_and_no_marker_spans_two_samples(tok):
+    rules = FlagRules(tok)
+    rules.markers, rules.bos, rules.eos = [[11, 12]], 1, 2  # a two-token end of turn
+    samples = [Encoded([1, 1, 5, 11], [IGNORE_INDEX, IGNORE_INDEX, 5, 11], ("t", 0)),  # ends on the marker's 1st token
+               Encoded([12, 7, 2], [12, 7, 2], ("t", 1)),  # starts with its 2nd: no marker across the seam
+               Encoded([3, 11, 12, 2], [IGNORE_INDEX, 11, 12, IGNORE_INDEX], ("t", 2), truncated=True),
+               Encoded([1], [1], ("t", 3))]
+    expected = [store.DOUBLE_BOS, store.HAS_EOS | store.EOS_TRAINED,
+                store.TRUNCATED | store.END_OF_TURN_TRAINED | store.HAS_EOS, 0]
+    assert [rules.flags(s) for s in samples] == expected
+    lengths = np.array([len(s.input_ids) for s in samples])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    chunk = rules.flags_of(np.array([t for s in samples for t in s.input_ids]),
+                           np.array([t for s in samples for t in s.labels]), starts, lengths,
+                           np.array([s.truncated for s in samples]))
+    assert chunk.tolist() == expected

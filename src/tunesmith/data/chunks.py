@@ -63,6 +63,7 @@ class DirectTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.wrapped = tokenizer
         self._backend = tokenizer.backend_tokenizer
+        self._special_tokens = tokenizer.special_tokens_map  # fixed while a store is built
         # encode_batch_fast (tokenizers >= 0.21) gives encode_batch's ids without tracking offsets.
         self._encode_batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
 
@@ -76,7 +77,7 @@ class DirectTokenizer:
 
     @property
     def special_tokens_map(self) -> dict[str, Any]:
-        return self.wrapped.special_tokens_map
+        return self._special_tokens  # the wrapper builds a new dict at every call (twice a render)
 
     def __call__(self, text: Any, *args: Any, add_special_tokens: bool = True,
                  return_offsets_mapping: bool = False, **kwargs: Any) -> Any:

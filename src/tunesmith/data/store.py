@@ -54,9 +54,10 @@ def chunk_done(folder: Path, split: str, number: int) -> bool:
 
 
 def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded], dataset_ids: Sequence[int],
-                flags_of: Callable[[np.ndarray, np.ndarray, bool], int], summary: dict[str, Any]) -> None:
+                flags_of: Callable[..., np.ndarray], summary: dict[str, Any]) -> None:
     """One chunk's files, written into a temporary folder and renamed into place (atomic).
-    flags_of(ids, labels, truncated) gives a sample's flags (data/preflight.py FlagRules)."""
+    flags_of(ids, labels, starts, lengths, truncated) gives the samples' flags (data/preflight.py
+    FlagRules)."""
     chunks = folder / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     final = chunks / chunk_name(split, number)
@@ -82,9 +83,9 @@ def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded
     index["start"] = starts
     index["dataset"] = np.asarray(dataset_ids, dtype=np.int32)
     index["row"] = np.fromiter((s.source[1] for s in samples), dtype=np.int64, count=len(samples))
-    index["flags"] = [flags_of(all_ids[a : a + n], all_labels[a : a + n], s.truncated)
-                      | (WEIGHTED if s.weights is not None else 0)
-                      for a, n, s in zip(starts.tolist(), lengths.tolist(), samples, strict=True)]
+    truncated = np.fromiter((s.truncated for s in samples), dtype=bool, count=len(samples))
+    weighted = np.fromiter((s.weights is not None for s in samples), dtype=bool, count=len(samples))
+    index["flags"] = flags_of(all_ids, all_labels, starts, lengths, truncated) | np.where(weighted, WEIGHTED, 0)
     np.save(tmp / "ids.npy", ids)
     np.save(tmp / "trained.npy", trained)
     if any(s.weights is not None for s in samples):  # only data that sets loss_weight stores weights
