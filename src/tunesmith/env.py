@@ -32,7 +32,7 @@ def flush_denormals() -> None:
 
 def seconds_since_start() -> float:
     """Seconds since the command started: its process's start (Linux), so that starting the
-    interpreter and the imports before any tunesmith code count too (about 1.3 s with torch's).
+    interpreter and the imports before the run's own code count too (1.3-2.2 s on a 2-core CPU).
 
     A torchrun worker counts from its launcher, the process the command started: the relaunch in
     train/distributed.py becomes torchrun in place, and a worker restarted after a failure counts

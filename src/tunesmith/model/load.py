@@ -241,8 +241,9 @@ def bitsandbytes_hidden() -> Iterator[None]:
         _forget_cached_availability()
 
 
-# Checks that cache whether bitsandbytes is installed: answered while it was hidden, they would
-# refuse QLoRA for the rest of the process.
+# Checks that cache whether bitsandbytes is installed. Answered while it was hidden, they would
+# hold "no" for the rest of the process: a later QLoRA would get peft's plain LoRA layers on its
+# quantized ones (peft asks them for every layer it wraps).
 _AVAILABILITY_CHECKS = {"peft.import_utils": ("is_bnb_available", "is_bnb_4bit_available"),
                         "transformers.utils.import_utils": ("is_bitsandbytes_available",)}
 
