@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,37 @@ def test_help_does_not_import_torch():
             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip().endswith("torch not loaded")
+
+
+# Waits half a second after the process starts, then prints the clock's figure and the time
+# since the wait began (an upper bound's base: the interpreter started a little before that).
+CLOCK = """
+import time
+begun = time.monotonic()
+time.sleep(0.5)
+from tunesmith.env import seconds_since_start
+print(seconds_since_start(), time.monotonic() - begun)
+"""
+
+
+def test_command_clock_counts_from_the_process_start():
+    proc = subprocess.run([sys.executable, "-c", CLOCK], capture_output=True, text=True, timeout=60)
+    clock, since_begun = map(float, proc.stdout.split())
+    assert since_begun >= 0.5
+    assert since_begun <= clock <= since_begun + 1.0
+
+
+def test_command_clock_of_a_torchrun_worker_counts_from_its_launcher():
+    # The launcher waits half a second before it starts the worker, as torchrun's own start does.
+    launcher = ("import os, subprocess, sys, time\n"
+                "time.sleep(0.5)\n"
+                "env = dict(os.environ, TORCHELASTIC_RUN_ID='test')\n"
+                "worker = 'from tunesmith.env import seconds_since_start; print(seconds_since_start())'\n"
+                "subprocess.run([sys.executable, '-c', worker], env=env, check=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) >= 0.5
 
 
 def test_version_and_keys():

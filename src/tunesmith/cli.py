@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
+    from tunesmith.env import seconds_since_start
     from tunesmith.train import run_training
     from tunesmith.train.distributed import maybe_relaunch
 
@@ -45,7 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     code = maybe_relaunch(["train", args.config, *args.overrides], cfg)
     if code is not None:
         return code
-    run_training(cfg)
+    # The run's times (first step, runtime) count from the command, the interpreter's start and
+    # the imports included.
+    run_training(cfg, started=time.time() - seconds_since_start())
     if cfg.finetune.do_predict and os.environ.get("RANK", "0") == "0":  # under torchrun: the first process only
         return _predict(cfg)
     return 0

@@ -1,14 +1,16 @@
-"""The machine a command runs on: versions, devices and CPU features (`tunesmith env`), and the
-per-thread float settings training uses."""
+"""The machine a command runs on: versions, devices and CPU features (`tunesmith env`), the
+per-thread float settings training uses, and how long ago the command started."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunesmith import __version__
+from tunesmith import IMPORTED, __version__
 from tunesmith.cpu import cpu_plan, detect
 
 if TYPE_CHECKING:
@@ -26,6 +28,34 @@ def flush_denormals() -> None:
     import torch
 
     torch.set_flush_denormal(True)
+
+
+def seconds_since_start() -> float:
+    """Seconds since the command started: its process's start (Linux), so that starting the
+    interpreter and the imports before the run's own code count too (1.3-2.2 s on a 2-core CPU).
+
+    A torchrun worker counts from its launcher, the process the command started: the relaunch in
+    train/distributed.py becomes torchrun in place, and a worker restarted after a failure counts
+    the failed attempt too. Where /proc cannot be read: since tunesmith was first imported.
+    """
+    since_import = time.monotonic() - IMPORTED
+    launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun for its workers
+    since_start = _process_age(os.getppid() if launched else os.getpid())
+    # The process began before tunesmith was imported: a smaller figure is a misreading.
+    return since_start if since_start is not None and since_start >= since_import else since_import
+
+
+def _process_age(pid: int) -> float | None:
+    """Seconds since process `pid` started, from /proc (Linux, 10 ms steps); None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # Field 22 is the start in clock ticks after boot; the fields are counted from the end of
+        # field 2, the program's name, which may hold spaces and parentheses.
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def bf16_supported(device: str | torch.device) -> bool:

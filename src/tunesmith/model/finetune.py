@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunesmith.config import FinetuneArgs, ModelArgs
 from tunesmith.errors import UserError, did_you_mean
-from tunesmith.model.load import quiet_peft, read_config_json
+from tunesmith.model.load import bitsandbytes_hidden, quiet_peft, read_config_json
 from tunesmith.model.provision import resolve_model_path
 
 if TYPE_CHECKING:
@@ -165,7 +165,8 @@ def apply_finetuning(model: PreTrainedModel, finetune: FinetuneArgs, *, gradient
     A model that already carries adapters (from load_adapters) keeps them under 'lora', training
     those loaded trainable; 'freeze' and 'full' first merge them into the base weights.
     """
-    from peft import PeftModel, get_peft_model
+    with bitsandbytes_hidden():  # the first import of peft in a training run
+        from peft import PeftModel, get_peft_model
 
     kind = finetune.finetuning_type
     if isinstance(model, PeftModel) and (kind != "lora" or finetune.create_new_adapter):
@@ -189,7 +190,7 @@ def apply_finetuning(model: PreTrainedModel, finetune: FinetuneArgs, *, gradient
         if not isinstance(model, PeftModel):
             config = lora_config(model, finetune)
             try:
-                with quiet_peft():
+                with quiet_peft(), bitsandbytes_hidden():
                     model = get_peft_model(model, config)
             except ValueError as exc:
                 raise UserError(f"lora_target {finetune.lora_target!r}: peft cannot put LoRA there: {exc}") from None

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,6 +217,47 @@ def _refuse_unconverted_pissa(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def bitsandbytes_hidden() -> Iterator[None]:
+    """Import peft and put LoRA layers on a model without importing bitsandbytes, while nothing
+    has imported it.
+
+    peft imports bitsandbytes when it is imported (peft/helpers.py) and whenever it builds LoRA
+    layers (to ask whether each target is a bitsandbytes layer), and that import costs about a
+    second of every start (bitsandbytes loads torch's compiler). While bitsandbytes is not
+    imported no model holds its layers (transformers imports it to build a quantized base), so
+    the answer is known: hidden, it makes peft build its plain layers. QLoRA and the 8-bit
+    optimizers import it before or after, never inside. A quantized load in another thread during
+    this would fail; the one command that loads models in threads (the web UI) never quantizes.
+    """
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # now `import bitsandbytes` raises ImportError
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        _forget_cached_availability()
+
+
+# Checks that cache whether bitsandbytes is installed. Answered while it was hidden, they would
+# hold "no" for the rest of the process: a later QLoRA would get peft's plain LoRA layers on its
+# quantized ones (peft asks them for every layer it wraps).
+_AVAILABILITY_CHECKS = {"peft.import_utils": ("is_bnb_available", "is_bnb_4bit_available"),
+                        "transformers.utils.import_utils": ("is_bitsandbytes_available",)}
+
+
+def _forget_cached_availability() -> None:
+    for module_name, names in _AVAILABILITY_CHECKS.items():
+        module = sys.modules.get(module_name)
+        for name in names:
+            check = getattr(module, name, None)
+            if hasattr(check, "cache_clear"):
+                check.cache_clear()
+
+
+@contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft reads the `is_gradient_checkpointing` property that transformers 5.x deprecates."""
     with warnings.catch_warnings():
@@ -231,11 +273,12 @@ def load_adapters(model: PreTrainedModel, adapter_folders: list[str] | None, *,
     With is_trainable the earlier adapters are merged into the base and the last one is loaded
     to continue training it.
     """
-    from peft import PeftModel
-
     folders = list(adapter_folders or [])
     if not folders:
         return model
+    with bitsandbytes_hidden():
+        from peft import PeftModel
+
     for folder in folders:
         path = Path(folder).expanduser()
         if not path.is_dir():
@@ -249,11 +292,12 @@ def load_adapters(model: PreTrainedModel, adapter_folders: list[str] | None, *,
 
     def load(base: nn.Module, folder: str, name: str, trainable: bool) -> nn.Module:
         try:
-            if isinstance(base, PeftModel):
-                base.load_adapter(folder, adapter_name=name, is_trainable=trainable)
-                return base
-            with quiet_peft():
-                return PeftModel.from_pretrained(base, folder, adapter_name=name, is_trainable=trainable)
+            with bitsandbytes_hidden():
+                if isinstance(base, PeftModel):
+                    base.load_adapter(folder, adapter_name=name, is_trainable=trainable)
+                    return base
+                with quiet_peft():
+                    return PeftModel.from_pretrained(base, folder, adapter_name=name, is_trainable=trainable)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise UserError(f"adapter_name_or_path: '{folder}' does not fit this base model: {exc}",
                             hint="load it on the model it was trained from.") from None

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from tunesmith.config import RunConfig
 
 
-def run_training(cfg: RunConfig) -> dict[str, Any]:
+def run_training(cfg: RunConfig, started: float | None = None) -> dict[str, Any]:
     from tunesmith.train.loop import run_training as run
 
-    return run(cfg)
+    return run(cfg, started)

@@ -185,7 +185,7 @@ class RunSetup:
     """What a run opens before it trains: processes, folder, data and the model to train."""
 
     cfg: RunConfig
-    started: float  # time.time() at the command
+    started: float  # time.time() at the command's start (run_training)
     accelerator: Any
     mixed: str  # "no", "bf16" or "fp16"
     out: Path
@@ -227,10 +227,13 @@ class Trainer:
     keep_grads: bool
 
 
-def run_training(cfg: RunConfig) -> TrainResult:
+def run_training(cfg: RunConfig, started: float | None = None) -> TrainResult:
     """Setup, train, finish. Every change made to the model for training is undone on the way
-    out, whatever ends the run (train/model_changes.py)."""
-    setup = open_run(cfg, time.time())
+    out, whatever ends the run (train/model_changes.py).
+
+    `started`: the time.time() the run's times count from: the command's start for `tunesmith
+    train`, this call by default."""
+    setup = open_run(cfg, time.time() if started is None else started)
     sharded = distributed.is_sharded(setup.accelerator)
     with training_changes(setup.model, packing=setup.packing, contaminate=cfg.data.packing_contamination,
                           mixed_precision=setup.mixed != "no", sharded=sharded,
