@@ -189,3 +189,7 @@ def test_flags_of_a_chunk_equal_each_sample_alone_and_no_marker_spans_two_sample
                            np.array([t for s in samples for t in s.labels]), starts, lengths,
                            np.array([s.truncated for s in samples]))
     assert chunk.tolist() == expected
+    # A marker on a chunk's last tokens counts; an empty chunk has no flags.
+    assert rules.flags_of(np.array([3, 11, 12]), np.array([3, 11, 12]), [0], [3], [False]).tolist() == \
+        [store.END_OF_TURN_TRAINED]
+    assert rules.flags_of(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [], [], []).tolist() == []

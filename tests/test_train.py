@@ -189,16 +189,17 @@ def test_cli_train_prints_progress_and_errors_cleanly(tmp_path, tiny_model_dir, 
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process's start is read from /proc")
 def test_cli_run_times_count_from_the_process_start(tmp_path, tiny_model_dir, data_dir):
     import yaml
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(base_overrides(tmp_path, tiny_model_dir, data_dir, max_steps=1)))
     # The process waits 3 s before any tunesmith code runs: a clock the command's code started
-    # would miss them. Seen from here, the first step is announced a little after it was taken.
+    # would miss them. Seen from here (unbuffered), the first step is announced a little after it was taken.
     code = "import sys, time; time.sleep(3); from tunesmith.cli import main; sys.exit(main(sys.argv[1:]))"
     begun = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", code, "train", str(cfg)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code, "train", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen, output = None, []
     for line in proc.stdout:
@@ -206,9 +207,11 @@ def test_cli_run_times_count_from_the_process_start(tmp_path, tiny_model_dir, da
         if seen is None and "first step after" in line:
             seen = time.monotonic() - begun
     assert proc.wait(timeout=60) == 0, "".join(output)
+    assert seen is not None, "".join(output)
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert seen - 2 <= results["first_step_seconds"] <= seen
     assert 3 <= results["first_step_seconds"] <= results["train_runtime"] <= time.monotonic() - begun
+
 
 def test_eval_loss_is_token_weighted_over_the_whole_eval_set(tmp_path, tiny_model_dir, data_dir):
     from tunesmith.data.batching import Sample, collate_padded

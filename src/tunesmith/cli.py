@@ -48,8 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     # The run's times (first step, runtime) count from the command, the interpreter's start and
-    # the imports included.
-    run_training(cfg, started=time.time() - seconds_since_start())
+    # the imports included; main() called from a longer-lived Python process counts from the call.
+    run_training(cfg, started=time.time() - seconds_since_start() if args.own_command_line else None)
     if cfg.finetune.do_predict and os.environ.get("RANK", "0") == "0":  # under torchrun: the first process only
         return _predict(cfg)
     return 0
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may stand anywhere after the config path, also after options like -n 2.
     overrides = [a for a in argv if _OVERRIDE.match(a)]
     args = parser.parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    args.own_command_line = argv == sys.argv[1:]  # this process was started as this command
     if hasattr(args, "overrides"):
         args.overrides = overrides
     elif overrides:

@@ -39,7 +39,8 @@ def seconds_since_start() -> float:
     the failed attempt too. Where /proc cannot be read: since tunesmith was first imported.
     """
     since_import = time.monotonic() - IMPORTED
-    launched = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun for its workers
+    # Set by torchrun for its workers; a launcher that died leaves the worker to init (pid 1).
+    launched = "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1
     since_start = _process_age(os.getppid() if launched else os.getpid())
     # The process began before tunesmith was imported: a smaller figure is a misreading.
     return since_start if since_start is not None and since_start >= since_import else since_import
@@ -49,7 +50,8 @@ def _process_age(pid: int) -> float | None:
     """Seconds since process `pid` started, from /proc (Linux, 10 ms steps); None elsewhere."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # The boot clock the start field counts on (/proc/uptime is faked in some containers).
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
         # Field 22 is the start in clock ticks after boot; the fields are counted from the end of
         # field 2, the program's name, which may hold spaces and parentheses.
         start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])

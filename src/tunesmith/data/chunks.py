@@ -63,7 +63,7 @@ class DirectTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.wrapped = tokenizer
         self._backend = tokenizer.backend_tokenizer
-        self._special_tokens = tokenizer.special_tokens_map  # fixed while a store is built
+        self._special_tokens = tokenizer.special_tokens_map  # fixed once the tokenizer is loaded
         # encode_batch_fast (tokenizers >= 0.21) gives encode_batch's ids without tracking offsets.
         self._encode_batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
 

@@ -50,7 +50,7 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass

@@ -102,20 +102,24 @@ class FlagRules:
                  truncated: np.ndarray) -> np.ndarray:
         """The flags of samples laid end to end in `ids` / `labels` (sample i at starts[i], lengths[i]
         tokens long), one numpy pass over a whole chunk rather than several small ones per sample."""
+        starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
         n = len(starts)
         value = np.where(np.asarray(truncated, dtype=bool), store.TRUNCATED, 0).astype(np.uint8)
-        sample_of = np.repeat(np.arange(n), lengths)  # the sample of every token
-        ends = np.asarray(starts) + np.asarray(lengths)
+        sample_of = np.repeat(np.arange(n), lengths)  # the sample of every token (no gaps between samples)
+        ends = starts + lengths
         for marker in self.markers:
             at = _trained_occurrences(labels, marker)
             at = at[at + len(marker) <= ends[sample_of[at]]]  # wholly inside the sample it starts in
             value[sample_of[at]] |= store.END_OF_TURN_TRAINED
         if self.eos is not None:
-            value[sample_of[ids == self.eos]] |= store.HAS_EOS
-            value[sample_of[labels == self.eos]] |= store.EOS_TRAINED
+            has_eos, eos_trained = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+            has_eos[sample_of[ids == self.eos]] = True
+            eos_trained[sample_of[labels == self.eos]] = True
+            value[has_eos] |= store.HAS_EOS
+            value[has_eos & eos_trained] |= store.EOS_TRAINED
         if self.bos is not None:
-            two = np.flatnonzero(np.asarray(lengths) >= 2)
-            first = np.asarray(starts)[two]
+            two = np.flatnonzero(lengths >= 2)
+            first = starts[two]
             value[two[(ids[first] == self.bos) & (ids[first + 1] == self.bos)]] |= store.DOUBLE_BOS
         return value
 

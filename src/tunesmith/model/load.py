@@ -228,6 +228,9 @@ def bitsandbytes_hidden() -> Iterator[None]:
     the answer is known: hidden, it makes peft build its plain layers. QLoRA and the 8-bit
     optimizers import it before or after, never inside. A quantized load in another thread during
     this would fail; the one command that loads models in threads (the web UI) never quantizes.
+    What stays after: peft's helpers module keeps no bitsandbytes handle (its dequantizing helpers
+    for bitsandbytes layers, which tunesmith does not call); the cached availability checks are
+    cleared, so a later QLoRA in the process gets peft's bitsandbytes layers (tested).
     """
     if "bitsandbytes" in sys.modules:
         yield
