@@ -25,9 +25,9 @@ from typing import Any
 from tunesmith.config import DataArgs
 from tunesmith.data import store
 from tunesmith.data.encode import Dropped, Encoded, encode
-from tunesmith.data.formats import RowError, dataset_records, to_conversation
+from tunesmith.data.formats import dataset_records, record_conversation
 from tunesmith.data.preflight import FlagRules
-from tunesmith.data.readers import DataProblem, RawLine, file_progress, parse_raw_line
+from tunesmith.data.readers import DataProblem, RawLine, file_progress
 from tunesmith.data.registry import DatasetSpec
 from tunesmith.template import Conversation, with_system
 
@@ -165,25 +165,18 @@ def tokenize_chunk(job: Job) -> dict[str, Any]:
     problem_count = 0
     columns: dict[int, set[str]] = {}
     rows_per_dataset: dict[int, int] = {}
-    paths: dict[str, Path] = {}
     for ds, name, file_row, line, index, row in job.records:
         rows_per_dataset[ds] = rows_per_dataset.get(ds, 0) + 1
-        path = paths.get(name) or paths.setdefault(name, Path(name))
-        if isinstance(row, RawLine):
-            row = parse_raw_line(path, file_row, line or 0, row)
-        if isinstance(row, DataProblem):
-            problem = row
-        else:
-            columns.setdefault(ds, set()).update(row)
-            try:
-                convs.append(to_conversation(row, specs[ds], index))
-                conv_datasets.append(ds)
-                continue
-            except RowError as exc:
-                problem = DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix)
+        parsed, conv = record_conversation(specs[ds], name, file_row, line, index, row)
+        if parsed is not None:
+            columns.setdefault(ds, set()).update(parsed)
+        if not isinstance(conv, DataProblem):
+            convs.append(conv)
+            conv_datasets.append(ds)
+            continue
         problem_count += 1
         if len(problems) < SHOWN_PROBLEMS:
-            problems.append(str(problem))
+            problems.append(str(conv))
     kept: list[Encoded] = []
     kept_datasets: list[int] = []
     dropped: list[list[Any]] = []

@@ -15,12 +15,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.readers import DataProblem, iter_file_records
+from tunesmith.data.readers import DataProblem, RawLine, iter_file_records, parse_raw_line
 from tunesmith.data.registry import REQUIRED_COLUMNS, DatasetSpec, resolve_datasets
 from tunesmith.errors import UserError, did_you_mean
 from tunesmith.template import Conversation
 
-__all__ = ["DataProblem", "RowError", "load_conversations", "to_conversation"]
+__all__ = ["DataProblem", "RowError", "load_conversations", "record_conversation", "to_conversation"]
 
 SHOWN_PROBLEMS = 5
 
@@ -343,6 +343,21 @@ def _short(value: Any, limit: int = 80) -> str:
 
 # ---------------------------------------------------------------- loading whole datasets
 
+def record_conversation(spec: DatasetSpec, path: Path | str, file_row: int, line: int | None, index: int,
+                        row: Any) -> tuple[dict[str, Any] | None, Conversation | DataProblem]:
+    """One record of `dataset_records` (a JSON Lines row may still be raw bytes) as (the parsed
+    row, None where it could not be read; its conversation, or what is wrong with it by file, row,
+    line and column). The one step from a record to a conversation for every reader of data."""
+    if isinstance(row, RawLine):
+        row = parse_raw_line(Path(path), file_row, line or 0, row)
+    if isinstance(row, DataProblem):
+        return None, row
+    try:
+        return row, to_conversation(row, spec, index)
+    except RowError as exc:
+        return row, DataProblem(Path(path), file_row, line, exc.column, exc.detail, exc.fix)
+
+
 
 def _dataset_records(spec: DatasetSpec, raw_lines: bool = False) -> Iterator[tuple[Path, int, int | None, int, Any]]:
     """(file, row in file, line, row index in dataset, row or DataProblem) over the dataset's files."""
@@ -388,16 +403,15 @@ def load_conversations(names: str | None, dataset_dir: str | Path, *, max_sample
     for spec in resolve_datasets(names, dataset_dir):
         records = dataset_records(spec, max_samples=max_samples, seed=seed)
         rows_seen, columns_seen = 0, set()
-        for path, file_row, line, index, row in records:
+        for record in records:
             rows_seen += 1
-            if isinstance(row, DataProblem):
-                problems.append(row)
-                continue
-            columns_seen.update(row)
-            try:
-                conversations.append(to_conversation(row, spec, index))
-            except RowError as exc:
-                problems.append(DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix))
+            parsed, conv = record_conversation(spec, *record)
+            if parsed is not None:
+                columns_seen.update(parsed)
+            if isinstance(conv, DataProblem):
+                problems.append(conv)
+            else:
+                conversations.append(conv)
         if rows_seen == 0:
             raise UserError(f"dataset '{spec.name}' has no rows ({', '.join(map(str, spec.paths))}).",
                             hint="add rows to the file, or remove the dataset from the list.")

@@ -384,28 +384,25 @@ def _first_conversations(names: list[str], cfg: RunConfig, n: int) -> list[Conve
     """The first n conversations of the datasets, read in a stream (a row that cannot be read
     is reported as such, whatever its position)."""
     from tunesmith.data.chunks import apply_default_system
-    from tunesmith.data.formats import RowError, dataset_records, to_conversation
+    from tunesmith.data.formats import dataset_records, record_conversation
     from tunesmith.data.readers import DataProblem
     from tunesmith.data.registry import resolve_datasets
 
     d = cfg.data
     out: list[Conversation] = []
+    if n <= 0:
+        return out
     for spec in resolve_datasets(names, d.dataset_dir):
-        for path, file_row, line, index, row in dataset_records(spec, max_samples=d.max_samples, seed=cfg.train.seed):
-            if len(out) >= n:
-                return out
-            if isinstance(row, DataProblem):
+        for record in dataset_records(spec, max_samples=d.max_samples, seed=cfg.train.seed):
+            _, conv = record_conversation(spec, *record)
+            if isinstance(conv, DataProblem):
                 if d.skip_invalid:
                     continue
-                raise UserError(str(row))
-            try:
-                conv = to_conversation(row, spec, index)
-            except RowError as exc:
-                if not d.skip_invalid:
-                    raise UserError(str(DataProblem(path, file_row, line, exc.column, exc.detail, exc.fix))) from None
-                continue
+                raise UserError(str(conv))
             # the system-prompt rule chat, the API and the store's workers follow (template.with_system)
             out.append(apply_default_system(conv, cfg.generate.default_system))
+            if len(out) == n:  # no row is read past the last one shown
+                return out
     return out
 
 

@@ -18,15 +18,14 @@ import random
 import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import Sample
 from tunesmith.data.chunks import direct_if_same, encode_conversations
 from tunesmith.data.encode import Encoded
-from tunesmith.data.formats import RowError, dataset_records, to_conversation
-from tunesmith.data.readers import DataProblem, RawLine, parse_raw_line
+from tunesmith.data.formats import dataset_records, record_conversation
+from tunesmith.data.readers import DataProblem
 from tunesmith.data.registry import DatasetSpec, resolve_datasets
 from tunesmith.errors import UserError
 
@@ -93,21 +92,14 @@ class SampleStream:
         dropped: Counter[str] = Counter()
         for spec, path, file_row, line, index, row in self._rows(epoch):
             rows += 1
-            if isinstance(row, RawLine):
-                row = parse_raw_line(Path(path), file_row, line or 0, row)
-            problem = row if isinstance(row, DataProblem) else None
-            if problem is None:
-                try:
-                    conv = to_conversation(row, spec, index)
-                except RowError as exc:
-                    problem = DataProblem(Path(path), file_row, line, exc.column, exc.detail, exc.fix)
-            if problem is not None:
+            _, conv = record_conversation(spec, path, file_row, line, index, row)
+            if isinstance(conv, DataProblem):
                 problems += 1
                 if not self.data_args.skip_invalid:
-                    raise UserError(f"{problem}", hint="fix this row, or set skip_invalid: true to leave invalid "
-                                                       "rows out (they are reported).")
+                    raise UserError(f"{conv}", hint="fix this row, or set skip_invalid: true to leave invalid "
+                                                    "rows out (they are reported).")
                 if problems <= SHOWN_DROPS:
-                    print(f"tunesmith: skipped invalid row: {problem}", file=sys.stderr)
+                    print(f"tunesmith: skipped invalid row: {conv}", file=sys.stderr)
                 continue
             (result,) = encode_conversations([conv], self.tokenizer, self.data_args,
                                              self.cfg.generate.default_system)
