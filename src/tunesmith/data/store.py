@@ -135,28 +135,22 @@ class StoreSplit:
     def __len__(self) -> int:
         return len(self.index)
 
-    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, trained) of sample i, as views of the mapped files."""
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+        """(ids, trained) of sample i as views of the mapped files, and its per-token loss weights
+        (None when it has none: all 1)."""
         chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
         rec = self.index[i]
-        start, length = int(rec["start"]), int(rec["length"])
+        span = slice(int(rec["start"]), int(rec["start"]) + int(rec["length"]))
         ids, trained = self._ids[chunk], self._trained[chunk]
         if ids is None or trained is None:
             ids = self._ids[chunk] = np.load(self._dirs[chunk] / "ids.npy", mmap_mode="r")
             trained = self._trained[chunk] = np.load(self._dirs[chunk] / "trained.npy", mmap_mode="r")
-        return ids[start : start + length], trained[start : start + length]
-
-    def weights(self, i: int) -> list[float] | None:
-        """Per-token loss weights of sample i, or None when it has none (all 1)."""
-        rec = self.index[i]
         if not rec["flags"] & WEIGHTED:
-            return None
-        chunk = int(np.searchsorted(self.chunk_starts, i, side="right")) - 1
+            return ids[span], trained[span], None
         weights = self._weights[chunk]
         if weights is None:
             weights = self._weights[chunk] = np.load(self._dirs[chunk] / "weights.npy", mmap_mode="r")
-        start = int(rec["start"])
-        return weights[start : start + int(rec["length"])].tolist()
+        return ids[span], trained[span], weights[span].tolist()
 
 
 class SampleView(Sequence[Encoded]):
@@ -188,11 +182,11 @@ class SampleView(Sequence[Encoded]):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         p = self._pos(i)
-        id_list, labels = self._ids_and_labels(p)
+        id_list, labels, weights = self._read(p)
         rec = self._split.index[p]
         return Encoded(input_ids=id_list, labels=labels,
                        source=(self._split.datasets[int(rec["dataset"])], int(rec["row"])),
-                       truncated=bool(rec["flags"] & TRUNCATED), weights=self._split.weights(p))
+                       truncated=bool(rec["flags"] & TRUNCATED), weights=weights)
 
     def __iter__(self) -> Iterator[Encoded]:
         for i in range(len(self)):
@@ -223,12 +217,13 @@ class SampleView(Sequence[Encoded]):
         return self._split.datasets[int(rec["dataset"])], int(rec["row"])
 
     def training_sample(self, i: int) -> Sample:
-        p = self._pos(i)
-        return Sample(*self._ids_and_labels(p), i, self._split.weights(p))
+        ids, labels, weights = self._read(self._pos(i))
+        return Sample(ids, labels, i, weights)
 
-    def _ids_and_labels(self, p: int) -> tuple[list[int], list[int]]:
-        ids, trained = self._split.tokens(p)
-        return ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist()
+    def _read(self, p: int) -> tuple[list[int], list[int], list[float] | None]:
+        """ids, labels and weights of store sample p, as the Python lists a sample holds."""
+        ids, trained, weights = self._split.sample(p)
+        return ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), weights
 
     def as_samples(self) -> LazyList:
         """The samples the training loop batches, read from the store when a micro-batch is built."""
