@@ -24,7 +24,6 @@ from tunesmith.data.formats import load_conversations
 from tunesmith.errors import UserError
 from tunesmith.infer import ChatEngine, check_backend
 from tunesmith.loading import ModelSource, source_for
-from tunesmith.template import Conversation, encode_segments
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
@@ -67,8 +66,7 @@ def eval_cases(cfg: RunConfig) -> list[EvalCase]:
 
 def _prompt(engine: Any, case: EvalCase) -> tuple[str, list[int]]:
     """(text, ids) of a case's prompt, encoded as chat encodes it (default_system included)."""
-    conv = Conversation(engine._with_system(case.messages), case.tools, case.source)
-    encoded = encode_segments(conv, engine.tokenizer, add_generation_prompt=True)  # renders once
+    encoded = engine.encode_prompt(case.messages, case.tools, case.source)
     return encoded.text, encoded.ids
 
 

@@ -17,7 +17,7 @@ from tunesmith.config import RunConfig
 from tunesmith.env import bf16_supported
 from tunesmith.errors import UserError
 from tunesmith.loading import ModelSource, load, source_for
-from tunesmith.template import encode_segments, end_of_turn_ids, stop_strings, with_system
+from tunesmith.template import Conversation, Segmented, encode_segments, end_of_turn_ids, stop_strings, with_system
 
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "do_sample")
 # Below this temperature sampling is greedy decoding: dividing logits by a tinier value overflows them.
@@ -121,7 +121,13 @@ class ChatEngine:
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the conversation rendered by the training template, ready for the answer."""
-        return encode_segments(self._with_system(messages), self.tokenizer, add_generation_prompt=True).ids
+        return self.encode_prompt(messages).ids
+
+    def encode_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                      source: tuple[str, int] = ("", -1)) -> Segmented:
+        """The prompt as chat feeds it (default_system applied), text and ids, encoded once."""
+        conv = Conversation(self._with_system(messages), tools, source)
+        return encode_segments(conv, self.tokenizer, add_generation_prompt=True)
 
     def fit(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """Drop the oldest turns (never the system prompt or the last user message) until the
