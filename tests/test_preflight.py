@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 
 from tunesmith.config import load_config
@@ -182,14 +181,9 @@ def test_flags_of_a_chunk_equal_each_sample_alone_and_no_marker_spans_two_sample
                Encoded([1], [1], ("t", 3))]
     expected = [store.DOUBLE_BOS, store.HAS_EOS | store.EOS_TRAINED,
                 store.TRUNCATED | store.END_OF_TURN_TRAINED | store.HAS_EOS, 0]
-    assert [rules.flags(s) for s in samples] == expected
-    lengths = np.array([len(s.input_ids) for s in samples])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    chunk = rules.flags_of(np.array([t for s in samples for t in s.input_ids]),
-                           np.array([t for s in samples for t in s.labels]), starts, lengths,
-                           np.array([s.truncated for s in samples]))
-    assert chunk.tolist() == expected
+    assert [int(rules.flags_of(store.end_to_end([s]))[0]) for s in samples] == expected
+    assert rules.flags_of(store.end_to_end(samples)).tolist() == expected
     # A marker on a chunk's last tokens counts; an empty chunk has no flags.
-    assert rules.flags_of(np.array([3, 11, 12]), np.array([3, 11, 12]), [0], [3], [False]).tolist() == \
+    assert rules.flags_of(store.end_to_end([Encoded([3, 11, 12], [3, 11, 12], ("t", 4))])).tolist() == \
         [store.END_OF_TURN_TRAINED]
-    assert rules.flags_of(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), [], [], []).tolist() == []
+    assert rules.flags_of(store.end_to_end([])).tolist() == []

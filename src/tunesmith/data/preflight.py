@@ -93,18 +93,12 @@ class FlagRules:
         self.markers = end_of_turn_markers(tokenizer)
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
-    def flags(self, sample: Encoded) -> int:
-        ids = np.asarray(sample.input_ids, dtype=np.int64)
-        labels = np.asarray(sample.labels, dtype=np.int64)
-        return int(self.flags_of(ids, labels, np.array([0]), np.array([len(ids)]), np.array([sample.truncated]))[0])
-
-    def flags_of(self, ids: np.ndarray, labels: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                 truncated: np.ndarray) -> np.ndarray:
-        """The flags of samples laid end to end in `ids` / `labels` (sample i at starts[i], lengths[i]
-        tokens long), one numpy pass over a whole chunk rather than several small ones per sample."""
-        starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    def flags_of(self, laid: store.EndToEnd) -> np.ndarray:
+        """The flags of samples laid end to end, one numpy pass over them all rather than several
+        small ones per sample."""
+        ids, labels, starts, lengths = laid.ids, laid.labels, laid.starts, laid.lengths
         n = len(starts)
-        value = np.where(np.asarray(truncated, dtype=bool), store.TRUNCATED, 0).astype(np.uint8)
+        value = np.where(laid.truncated, store.TRUNCATED, 0).astype(np.uint8)
         sample_of = np.repeat(np.arange(n), lengths)  # the sample of every token (no gaps between samples)
         ends = starts + lengths
         for marker in self.markers:
@@ -130,10 +124,9 @@ def facts_of(samples: Sequence[Encoded], tokenizer: Any) -> SampleFacts:
     if records is not None:
         return SampleFacts(records["length"].astype(np.int64), records["trained"].astype(np.int64),
                            records["flags"], samples.sources)  # type: ignore[attr-defined]
-    rules = FlagRules(tokenizer)
     return SampleFacts(np.array([len(s.input_ids) for s in samples], dtype=np.int64),
                        np.array([s.trained_tokens for s in samples], dtype=np.int64),
-                       np.array([rules.flags(s) for s in samples], dtype=np.uint8),
+                       FlagRules(tokenizer).flags_of(store.end_to_end(samples)),
                        [s.source for s in samples])
 
 

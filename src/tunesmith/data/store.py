@@ -24,6 +24,7 @@ import os
 import shutil
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -53,39 +54,53 @@ def chunk_done(folder: Path, split: str, number: int) -> bool:
     return (folder / "chunks" / chunk_name(split, number) / "summary.json").exists()
 
 
+@dataclass
+class EndToEnd:
+    """Samples laid end to end: sample i is ids[starts[i] : starts[i] + lengths[i]] (int64 arrays)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray  # bool, one per sample
+
+
+def end_to_end(samples: Sequence[Encoded]) -> EndToEnd:
+    # array.extend copies a list of ints at C speed (numpy.fromiter over a generator is ~50x slower).
+    ids_buf, labels_buf = array("q"), array("q")
+    for s in samples:
+        ids_buf.extend(s.input_ids)
+        labels_buf.extend(s.labels)
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+    starts = np.zeros(len(samples), dtype=np.int64)
+    starts[1:] = np.cumsum(lengths)[:-1]
+    return EndToEnd(np.frombuffer(ids_buf, dtype=np.int64) if len(ids_buf) else np.zeros(0, dtype=np.int64),
+                    np.frombuffer(labels_buf, dtype=np.int64) if len(labels_buf) else np.zeros(0, dtype=np.int64),
+                    starts, lengths, np.fromiter((s.truncated for s in samples), dtype=bool, count=len(samples)))
+
+
 def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded], dataset_ids: Sequence[int],
-                flags_of: Callable[..., np.ndarray], summary: dict[str, Any]) -> None:
+                flags_of: Callable[[EndToEnd], np.ndarray], summary: dict[str, Any]) -> None:
     """One chunk's files, written into a temporary folder and renamed into place (atomic).
-    flags_of(ids, labels, starts, lengths, truncated) gives the samples' flags (data/preflight.py
-    FlagRules)."""
+    flags_of gives the samples' flags (data/preflight.py FlagRules)."""
     chunks = folder / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     final = chunks / chunk_name(split, number)
     tmp = chunks / f".tmp-{chunk_name(split, number)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # array.extend copies a list of ints at C speed (numpy.fromiter over a generator is ~50x slower).
-    ids_buf, labels_buf = array("q"), array("q")
-    for s in samples:
-        ids_buf.extend(s.input_ids)
-        labels_buf.extend(s.labels)
-    all_ids = np.frombuffer(ids_buf, dtype=np.int64) if len(ids_buf) else np.zeros(0, dtype=np.int64)
-    all_labels = np.frombuffer(labels_buf, dtype=np.int64) if len(labels_buf) else np.zeros(0, dtype=np.int64)
-    ids = all_ids.astype(np.int32)
-    trained = all_labels != IGNORE_INDEX
+    laid = end_to_end(samples)
+    ids = laid.ids.astype(np.int32)
+    trained = laid.labels != IGNORE_INDEX
     index = np.zeros(len(samples), dtype=INDEX_DTYPE)
-    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-    index["length"] = lengths
-    starts = np.zeros(len(samples), dtype=np.int64)
-    if len(samples):
-        starts[1:] = np.cumsum(lengths)[:-1]
-        index["trained"] = np.add.reduceat(trained.astype(np.int32), starts) if len(ids) else 0
-    index["start"] = starts
+    index["length"] = laid.lengths
+    if len(samples) and len(ids):
+        index["trained"] = np.add.reduceat(trained.astype(np.int32), laid.starts)
+    index["start"] = laid.starts
     index["dataset"] = np.asarray(dataset_ids, dtype=np.int32)
     index["row"] = np.fromiter((s.source[1] for s in samples), dtype=np.int64, count=len(samples))
-    truncated = np.fromiter((s.truncated for s in samples), dtype=bool, count=len(samples))
     weighted = np.fromiter((s.weights is not None for s in samples), dtype=bool, count=len(samples))
-    index["flags"] = flags_of(all_ids, all_labels, starts, lengths, truncated) | np.where(weighted, WEIGHTED, 0)
+    index["flags"] = flags_of(laid) | np.where(weighted, WEIGHTED, 0)
     np.save(tmp / "ids.npy", ids)
     np.save(tmp / "trained.npy", trained)
     if any(s.weights is not None for s in samples):  # only data that sets loss_weight stores weights
