@@ -99,7 +99,7 @@ def main() -> None:
                            "padded" if layout == "grouped" else layout) for micro in plan]
         mixed = "autocast" in options or bf16_base
         multiple = cpu_row_multiple(mixed)
-        if layout == "varlen" and multiple and "plain" not in options:  # as training pads them
+        if layout == "varlen" and multiple and not {"plain", "blas"} & set(options):  # as training pads them
             batches = [pad_varlen(b, multiple, tokenizer.pad_token_id) for b in batches]
         set_adapter_input_casting(model, enabled=not mixed or "cast" in options)  # as training does
         set_training_forwards(model, enabled="plain" not in options)
@@ -112,6 +112,9 @@ def main() -> None:
         kernel = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), None)
         plan = cpu.plan_in_use("bf16")
         chosen = cpu.assume(replace(plan, bf16_attention=cpu.Choice(True, kernel, "A/B"))) if kernel else nullcontext()
+        if "blas" in variant.split("+"):
+            chosen = cpu.assume(replace(cpu.plan_in_use("fp32"), fp32_products=cpu.Choice(False, "torch matmul", "A/B"),
+                                        padding=cpu.Choice(False, "none", "A/B")))
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
         with chosen, torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():

@@ -97,9 +97,12 @@ def test_intel_with_amx_takes_bf16_products_on_the_tiles():
     assert "494 vs 500" in bf16.training_forwards.reason
 
 
-def test_intel_without_amx_attends_in_fp32_and_advises_against_bf16():
+def test_intel_without_amx_leaves_fp32_products_to_the_blas_attends_in_fp32_and_advises_against_bf16():
     fp32, bf16 = plans(INTEL_AVX512_BF16)
-    assert fp32.fp32_products.on and fp32.row_multiple == cpu.ROW_MULTIPLE
+    assert not fp32.fp32_products.on and "234 vs 214" in fp32.fp32_products.reason
+    assert fp32.row_multiple is None  # no oneDNN kernels per shape to bound
+    assert bf16.row_multiple == cpu.ROW_MULTIPLE  # torch's bf16 products are on oneDNN with AVX-512
+    assert fp32.summary() == "fp32 products torch matmul, training forwards on, padding none"
     assert bf16.bf16_attention.value == "fp32"
     assert not bf16.bf16.on and "165 vs 318" in bf16.bf16.reason
 
@@ -154,6 +157,7 @@ def test_fp32_products_follow_the_plan(tiny_model_dir, monkeypatch):
     model = lora_model(tiny_model_dir)
     on, logits_on = products_on_onednn(model, monkeypatch, AVX2_ONLY)
     off, logits_off = products_on_onednn(model, monkeypatch, NO_AVX)
+    assert products_on_onednn(model, monkeypatch, INTEL_AVX512_BF16)[0] == 0  # torch's BLAS there
     layers = model.get_base_model().config.num_hidden_layers
     assert on >= 7 * layers * 2  # every LoRA layer: its base and rank-sized products
     assert off == 0

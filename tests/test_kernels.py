@@ -6,10 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tunesmith import cpu
 from tunesmith.config import FinetuneArgs, ModelArgs
 from tunesmith.model.finetune import apply_finetuning
 from tunesmith.model.load import load_model
 from tunesmith.train.kernels import set_training_forwards
+
+# Two plans for the fp32 products: on oneDNN (an AMD EPYC's) and on torch's BLAS (an Intel Xeon
+# without AMX), so that both paths of the training forwards run on every machine.
+ONEDNN_CPU = cpu.FeatureSet("Test CPU", "AMD", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+BLAS_CPU = cpu.FeatureSet("Test CPU", "Intel", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+
+
+@pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU], ids=["onednn", "blas"])
+def products(request):
+    """The kernels planned for one of the two CPUs while the test runs."""
+    with cpu.assume(request.param):
+        yield request.param
 
 
 def lora_model(folder, dtype=torch.float32, dropout: float = 0.0, kind: str = "lora"):
@@ -44,6 +57,7 @@ def run(model, fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]
     return out, grads, sum(kept.values())
 
 
+@pytest.mark.usefixtures("products")
 def test_same_outputs_and_gradients_with_less_memory(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     fused_out, fused_grads, fused_bytes = run(model, True)
@@ -73,6 +87,7 @@ def test_every_plain_module_gets_its_training_forward(tiny_model_dir):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.usefixtures("products")
 def test_lora_dropout_keeps_peft_forward_with_the_same_results(tiny_model_dir):
     model = lora_model(tiny_model_dir, dropout=0.1)
     fused_out, fused_grads, _ = run(model, True)  # the dropout draws match: same seed, same order
@@ -82,6 +97,7 @@ def test_lora_dropout_keeps_peft_forward_with_the_same_results(tiny_model_dir):
         assert torch.allclose(grad, plain_grads[name], atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.usefixtures("products")
 def test_trainable_norms_keep_their_own_forward(tiny_model_dir):
     """Full fine-tuning trains the norm weights: the output/weight trick needs a frozen weight."""
     model = lora_model(tiny_model_dir, kind="full")
@@ -121,17 +137,20 @@ def test_a_norm_weight_with_a_zero_keeps_its_own_forward(tiny_model_dir, zero_we
 
 
 def test_fp32_products_run_through_onednn(tiny_model_dir):
-    """On the CPU the linear layers' and the output head's fp32 products go through oneDNN."""
+    """On a CPU whose plan puts them there, the linear layers' and the output head's fp32
+    products go through oneDNN."""
     from torch.profiler import ProfilerActivity, profile
 
     from tunesmith.train.kernels import _onednn_exact
 
     assert _onednn_exact() is torch.backends.mkldnn.is_available()
     model = lora_model(tiny_model_dir)
-    set_training_forwards(model, True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model(input_ids=torch.arange(5, 69)[None], use_cache=False).logits.sum().backward()
-    set_training_forwards(model, False)
+    assert cpu.cpu_plan(ONEDNN_CPU, "fp32").fp32_products.on
+    with cpu.assume(ONEDNN_CPU):
+        set_training_forwards(model, True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=torch.arange(5, 69)[None], use_cache=False).logits.sum().backward()
+        set_training_forwards(model, False)
     calls = {e.key: e.count for e in prof.key_averages()}
     linears = 7 * model.get_base_model().config.num_hidden_layers  # q, k, v, o, gate, up, down
     # forward: base and A products of every LoRA layer, and the output head; backward: the B, A and
