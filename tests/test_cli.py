@@ -76,6 +76,31 @@ def test_command_clock_of_a_torchrun_worker_counts_from_its_launcher():
     assert float(proc.stdout) >= 0.5
 
 
+# Runs `tunesmith version` through cli.main, as the process's own command line or called from
+# it with other arguments, and reports whether the heap was frozen for the exit; an atexit handler
+# registered before must still run, after everything the command printed.
+EXIT = """
+import atexit, gc, sys
+import tunesmith.cli as cli
+atexit.register(lambda: print("atexit ran", flush=True))
+own = sys.argv[1] == "own"
+sys.argv = ["tunesmith", "version"] if own else ["a", "longer", "process"]
+code = cli.main(None if own else ["version"])
+print("frozen" if gc.get_freeze_count() else "not frozen", flush=True)
+raise SystemExit(code)
+"""
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_only_a_process_own_command_freezes_its_heap_and_atexit_still_runs(own):
+    proc = subprocess.run([sys.executable, "-c", EXIT, "own" if own else "called"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("tunesmith ")
+    assert lines[1:] == ["frozen" if own else "not frozen", "atexit ran"]
+
+
 def test_version_and_keys():
     assert run("version").stdout.startswith("tunesmith ")
     proc = run("train", "--keys")

@@ -88,6 +88,20 @@ def test_every_plain_module_gets_its_training_forward(tiny_model_dir):
 
 
 @pytest.mark.usefixtures("products")
+def test_an_fp32_lora_layer_is_one_autograd_function_whichever_library_runs_its_products(tiny_model_dir):
+    from peft.tuners.lora import Linear
+
+    model = lora_model(tiny_model_dir)
+    layer = next(m for m in model.modules() if isinstance(m, Linear))
+    set_training_forwards(model, True)
+    try:
+        out = layer(torch.randn(1, 5, layer.in_features, requires_grad=True))
+    finally:
+        set_training_forwards(model, False)
+    assert type(out.grad_fn).__name__ == "LoraLinearBackward"
+
+
+@pytest.mark.usefixtures("products")
 def test_lora_dropout_keeps_peft_forward_with_the_same_results(tiny_model_dir):
     model = lora_model(tiny_model_dir, dropout=0.1)
     fused_out, fused_grads, _ = run(model, True)  # the dropout draws match: same seed, same order
