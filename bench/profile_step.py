@@ -109,19 +109,24 @@ def main() -> None:
     def step(model, batch, optimizer, mixed, variant: str) -> float:
         from tunesmith import cpu
 
-        kernel = next((o[len("attn="):] for o in variant.split("+") if o.startswith("attn=")), None)
-        plan = cpu.plan_in_use("bf16")
-        chosen = cpu.assume(replace(plan, bf16_attention=cpu.Choice(True, kernel, "A/B"))) if kernel else nullcontext()
-        if "blas" in variant.split("+"):
+        options = variant.split("+")
+        kernel = next((o[len("attn="):] for o in options if o.startswith("attn=")), None)
+        if kernel and "blas" in options:
+            raise SystemExit(f"{variant}: attn= sets the bf16 plan, blas the fp32 one; use one per variant")
+        chosen = nullcontext()  # assumed for the whole step: forward, backward and optimizer
+        if kernel:
+            chosen = cpu.assume(replace(cpu.plan_in_use("bf16"), bf16_attention=cpu.Choice(True, kernel, "A/B")))
+        elif "blas" in options:
             chosen = cpu.assume(replace(cpu.plan_in_use("fp32"), fp32_products=cpu.Choice(False, "torch matmul", "A/B"),
                                         padding=cpu.Choice(False, "none", "A/B")))
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
-        with chosen, torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
-            loss, count = token_loss(model, batch)
-        (loss / max(count, 1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with chosen:
+            with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
+                loss, count = token_loss(model, batch)
+            (loss / max(count, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return clock() - started
 
     variants = args.variants.split(",") if not args.profile else [args.profile]

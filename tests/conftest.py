@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import BLAS_CPU, ONEDNN_CPU
+
+from tunesmith.cpu import assume
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_DATA = REPO / "data"  # the datasets the repository carries (data/README.md)
@@ -100,3 +103,11 @@ def build_tiny_lora_run(folder: Path, base_dir: Path, *, seed: int = 1) -> Path:
 def tiny_lora_run(tmp_path_factory, tiny_model_dir) -> Path:
     # seed 3: its greedy first reply token has no leading space (test_infer builds a stop marker of it)
     return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir, seed=3)
+
+
+@pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU], ids=["onednn", "blas"])
+def products(request):
+    """The kernels planned for one of the two CPUs while the test runs: fp32 products on oneDNN
+    (padded pieces) or on torch's BLAS, so that both paths run on every machine."""
+    with assume(request.param):
+        yield request.param

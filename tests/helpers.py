@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tunesmith.cpu import FeatureSet
+
 
 def make_dataset(folder: Path, entries: dict[str, dict], files: dict[str, str | bytes | list]) -> Path:
     """A dataset_dir with the given dataset_info.json entries and files (lists are written as a JSON list)."""
@@ -63,3 +65,9 @@ def start_api_server(cfg: Path, env: dict[str, str],
 def as_tuples(samples) -> list[tuple]:
     """(input_ids, labels, source, truncated) of each sample, for comparing encodings."""
     return [(s.input_ids, s.labels, s.source, s.truncated) for s in samples]
+
+
+# Two plans for the fp32 products: on oneDNN (an AMD EPYC's) and on torch's BLAS (an Intel Xeon
+# without AMX), so that both paths of the training forwards run on every machine.
+ONEDNN_CPU = FeatureSet("Test CPU", "AMD", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+BLAS_CPU = FeatureSet("Test CPU", "Intel", frozenset({"avx2", "avx512f", "avx512_bf16"}))

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ONEDNN_CPU
 
 from tunesmith import cpu
 from tunesmith.config import FinetuneArgs, ModelArgs
 from tunesmith.model.finetune import apply_finetuning
 from tunesmith.model.load import load_model
 from tunesmith.train.kernels import set_training_forwards
-
-# Two plans for the fp32 products: on oneDNN (an AMD EPYC's) and on torch's BLAS (an Intel Xeon
-# without AMX), so that both paths of the training forwards run on every machine.
-ONEDNN_CPU = cpu.FeatureSet("Test CPU", "AMD", frozenset({"avx2", "avx512f", "avx512_bf16"}))
-BLAS_CPU = cpu.FeatureSet("Test CPU", "Intel", frozenset({"avx2", "avx512f", "avx512_bf16"}))
-
-
-@pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU], ids=["onednn", "blas"])
-def products(request):
-    """The kernels planned for one of the two CPUs while the test runs."""
-    with cpu.assume(request.param):
-        yield request.param
 
 
 def lora_model(folder, dtype=torch.float32, dropout: float = 0.0, kind: str = "lora"):

@@ -26,6 +26,7 @@ def inputs(seed: int = 0, tokens: int = 70, width: int = 16, vocab: int = 97):
 
 @pytest.mark.parametrize("chunk", [1, 5, 8, 23, 32, 1000])
 @pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.usefixtures("products")
 def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk, train_head):
     hidden, weight, targets = inputs()
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_(train_head)

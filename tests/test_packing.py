@@ -160,6 +160,7 @@ def tiny_runner(tmp_path, tiny_model_dir, rows: list[dict], **common: object):
     return run
 
 
+@pytest.mark.usefixtures("products")
 def test_packed_and_padded_runs_have_equal_losses(tmp_path, tiny_model_dir, repo_data):
     data = json.loads((repo_data / "alpaca_demo.json").read_text(encoding="utf-8"))[:24]
     run = tiny_runner(tmp_path, tiny_model_dir, data, cutoff_len=96, max_steps=4, train_on_prompt=True)

@@ -271,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
 def _before_exit() -> None:
     """The process ends when its command returns. At exit Python would walk the 300,000 objects of
     torch and transformers in its final garbage collections, about a second of every command;
-    frozen, they are left out of those walks. Everything else of an exit stays: atexit handlers
-    run, streams are flushed, objects are freed by their reference counts. Never in a process
-    that goes on (a test, a notebook): what it freezes would never be collected."""
+    frozen, they are left out of those walks. The rest of an exit stays: atexit handlers and
+    weakref.finalize callbacks run, streams are flushed, objects are freed by their reference
+    counts; only the finalizers of objects held in reference cycles no longer run (Python does
+    not promise them at exit; tunesmith closes its files and trackers itself). Never in a
+    process that goes on (a test, a notebook): what it freezes would never be collected."""
     import gc
 
     gc.freeze()

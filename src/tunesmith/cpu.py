@@ -177,7 +177,8 @@ def _fp32_products(features: FeatureSet) -> Choice:
         # Intel CPU (not on AMD's); the pieces then need no padding either.
         return Choice(False, "torch matmul", "torch's BLAS (MKL) 7-10% faster than oneDNN on an Intel Xeon with "
                                              "AVX-512 and no AMX: 234 vs 214 tokens/s (2 threads), 136 vs 124 and "
-                                             "133 vs 124 (1 thread)")
+                                             "133 vs 124 (1 thread); measured on one such Xeon (with AVX512-FP16), "
+                                             "applied to all")
     if features.has("AVX-512"):
         return Choice(True, "oneDNN", "oneDNN uses AVX-512 where torch's BLAS may not: 2.2x on AMD EPYC, "
                                       "1.13x on an Intel Xeon with AMX")

@@ -19,8 +19,9 @@ on a random input before they are installed. bench/RESULTS.md measures them.
 
 `matmul_nt` runs fp32 products on the CPU through oneDNN, which picks its kernels from the CPU's
 features, where torch's fp32 matmul goes to a BLAS that may not use AVX-512 on every vendor's CPU
-(2.2x apart on an AVX-512 AMD CPU, bench/RESULTS.md); the loss's output head uses it too.
-Training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they take this path.
+(2.2x apart on an AVX-512 AMD CPU, bench/RESULTS.md), or through torch's BLAS where that measured
+faster (MKL on an Intel Xeon without AMX); the loss's output head uses it too. Where the products
+take oneDNN, training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they do.
 Whether fp32 products take oneDNN, and whether pieces are padded, is the CPU plan's choice
 (tunesmith/cpu.py, `plan_in_use`), checked at every call.
 """

@@ -636,9 +636,10 @@ def step_batches(samples: Sequence[Sample] | SampleStream, lengths: Sequence[int
     # in bf16, whose activations are half the size): peak memory stays that of one long sample
     # whatever the batch size (bench/RESULTS.md).
     budget = cfg.data.cutoff_len * (2 if t.bf16 else 1) if on_cpu else None
-    # CPU products run on oneDNN, which builds a kernel per shape: pieces padded to a multiple of
-    # this many tokens bound the kernels (and put fp32 on oneDNN, train/kernels.py). Sharded runs
-    # keep the library forwards, whose fp32 products don't take oneDNN.
+    # Where the CPU plan puts the products on oneDNN, which builds a kernel per shape, pieces padded
+    # to a multiple of this many tokens bound the kernels (and put fp32 on oneDNN, train/kernels.py);
+    # None where they stay on torch's BLAS. Sharded runs keep the library forwards, whose fp32
+    # products don't take oneDNN.
     row_multiple = cpu_row_multiple(t.bf16) if on_cpu and not distributed.is_sharded(accelerator) else None
 
     def pieces_of(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
