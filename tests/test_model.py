@@ -243,34 +243,32 @@ def test_adapter_from_another_base_is_refused(tiny_model_dir, four_layer_dir, tm
         load_adapters(load_model(args(tiny_model_dir)), [str(folder)])
 
 
-# A fresh process: LoRA on a plain base and two stacked adapters, then (when bitsandbytes is
-# installed) QLoRA in the same process. Prints what it saw as JSON.
+# A fresh process: LoRA on a plain base and two stacked adapters, then QLoRA in the same process.
+# Prints what it saw as JSON.
 BITSANDBYTES_SCRIPT = """
 import json, sys
 from tunesmith.config import FinetuneArgs, ModelArgs
 from tunesmith.model.finetune import apply_finetuning
 from tunesmith.model.load import load_adapters, load_model
 
-base, adapter, quantize = ModelArgs(model_name_or_path=sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+base, adapter = ModelArgs(model_name_or_path=sys.argv[1]), sys.argv[2]
 def q_proj(model):
     return type(model.base_model.model.model.layers[0].self_attn.q_proj).__module__
 lora = apply_finetuning(load_model(base), FinetuneArgs(), verbose=False)
 stacked = load_adapters(load_model(base), [adapter, adapter])
 seen = {"imported": "bitsandbytes" in sys.modules, "lora": q_proj(lora), "stacked": q_proj(stacked)}
-if quantize:
-    base.quantization_bit = 4
-    seen["qlora"] = q_proj(apply_finetuning(load_model(base), FinetuneArgs(), verbose=False))
+base.quantization_bit = 4
+seen["qlora"] = q_proj(apply_finetuning(load_model(base), FinetuneArgs(), verbose=False))
 print(json.dumps(seen))
 """
 
 
 def test_lora_on_a_plain_base_never_imports_bitsandbytes(tiny_model_dir, tiny_lora_run):
     # peft would import it (about a second of every start) though no layer is quantized.
-    quantize = importlib.util.find_spec("bitsandbytes") is not None
-    if not quantize:
+    if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed: there is nothing to keep from importing")
-    proc = subprocess.run([sys.executable, "-c", BITSANDBYTES_SCRIPT, str(tiny_model_dir), str(tiny_lora_run),
-                           "1" if quantize else "0"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BITSANDBYTES_SCRIPT, str(tiny_model_dir), str(tiny_lora_run)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["imported"] is False

@@ -74,9 +74,12 @@ def end_to_end(samples: Sequence[Encoded]) -> EndToEnd:
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
     starts = np.zeros(len(samples), dtype=np.int64)
     starts[1:] = np.cumsum(lengths)[:-1]
-    return EndToEnd(np.frombuffer(ids_buf, dtype=np.int64) if len(ids_buf) else np.zeros(0, dtype=np.int64),
-                    np.frombuffer(labels_buf, dtype=np.int64) if len(labels_buf) else np.zeros(0, dtype=np.int64),
-                    starts, lengths, np.fromiter((s.truncated for s in samples), dtype=bool, count=len(samples)))
+    return EndToEnd(_int64s(ids_buf), _int64s(labels_buf), starts, lengths,
+                    np.fromiter((s.truncated for s in samples), dtype=bool, count=len(samples)))
+
+
+def _int64s(buf: array) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.int64) if len(buf) else np.zeros(0, dtype=np.int64)
 
 
 def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded], dataset_ids: Sequence[int],
@@ -103,7 +106,7 @@ def write_chunk(folder: Path, split: str, number: int, samples: Sequence[Encoded
     index["flags"] = flags_of(laid) | np.where(weighted, WEIGHTED, 0)
     np.save(tmp / "ids.npy", ids)
     np.save(tmp / "trained.npy", trained)
-    if any(s.weights is not None for s in samples):  # only data that sets loss_weight stores weights
+    if weighted.any():  # only data that sets loss_weight stores weights
         weights_buf = array("f")
         for s in samples:
             weights_buf.extend(s.weights if s.weights is not None else [1.0] * len(s.input_ids))
