@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import BLAS_CPU, ONEDNN_CPU
+from helpers import BLAS_CPU, HEAD_ONEDNN_CPU, ONEDNN_CPU
 
 from tunesmith.cpu import assume
 
@@ -105,9 +105,10 @@ def tiny_lora_run(tmp_path_factory, tiny_model_dir) -> Path:
     return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir, seed=3)
 
 
-@pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU], ids=["onednn", "blas"])
+@pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU, HEAD_ONEDNN_CPU], ids=["onednn", "blas", "blas-head-onednn"])
 def products(request):
-    """The kernels planned for one of the two CPUs while the test runs: fp32 products on oneDNN
-    (padded pieces) or on torch's BLAS, so that both paths run on every machine."""
+    """The kernels planned for one of three CPUs while the test runs: fp32 products on oneDNN
+    (padded pieces), on torch's BLAS, or on the BLAS with the output head's on oneDNN, so that
+    every path runs on every machine."""
     with assume(request.param):
         yield request.param

@@ -67,7 +67,9 @@ def as_tuples(samples) -> list[tuple]:
     return [(s.input_ids, s.labels, s.source, s.truncated) for s in samples]
 
 
-# Two plans for the fp32 products: on oneDNN (an AMD EPYC's) and on torch's BLAS (an Intel Xeon
-# without AMX), so that both paths of the training forwards run on every machine.
+# Three plans for the fp32 products: on oneDNN (an AMD EPYC's with AVX-512), on torch's BLAS (an
+# Intel Xeon without AMX) and on the BLAS but for the output head's (AVX2 only), so that every path
+# of the training forwards and the loss runs on every machine.
 ONEDNN_CPU = FeatureSet("Test CPU", "AMD", frozenset({"avx2", "avx512f", "avx512_bf16"}))
 BLAS_CPU = FeatureSet("Test CPU", "Intel", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+HEAD_ONEDNN_CPU = FeatureSet("Test CPU", "AMD", frozenset({"avx2"}))

@@ -85,7 +85,7 @@ def test_amd_with_avx512_bf16_keeps_every_measured_path():
     assert fp32.training_forwards.on and bf16.training_forwards.on
     assert bf16.bf16_attention.value == "matmul" and "587 vs 500" in bf16.bf16_attention.reason
     assert bf16.bf16.on and "992 vs 498" in bf16.bf16.reason
-    assert fp32.summary() == "fp32 products oneDNN, training forwards on, padding 32"
+    assert fp32.summary() == "fp32 products oneDNN, training forwards on, padding 32, head product oneDNN"
     assert bf16.summary().endswith("bf16 attention matmul, bf16 advisable")
 
 
@@ -102,19 +102,21 @@ def test_intel_without_amx_leaves_fp32_products_to_the_blas_attends_in_fp32_and_
     assert not fp32.fp32_products.on and "234 vs 214" in fp32.fp32_products.reason
     assert fp32.row_multiple is None  # no oneDNN kernels per shape to bound
     assert bf16.row_multiple == cpu.ROW_MULTIPLE  # torch's bf16 products are on oneDNN with AVX-512
-    assert fp32.summary() == "fp32 products torch matmul, training forwards on, padding none"
+    assert fp32.summary() == "fp32 products torch matmul, training forwards on, padding none, head product torch matmul"
     assert bf16.bf16_attention.value == "fp32"
     assert not bf16.bf16.on and "165 vs 318" in bf16.bf16.reason
 
 
-def test_avx2_only_keeps_onednn_but_pads_no_bf16_products():
+def test_avx2_only_leaves_products_to_the_blas_and_pads_nothing():
     fp32, bf16 = plans(AVX2_ONLY)
-    assert fp32.fp32_products.on and "AVX2" in fp32.fp32_products.reason
-    assert fp32.row_multiple == cpu.ROW_MULTIPLE
+    assert not fp32.fp32_products.on and "132.8 vs 112.3" in fp32.fp32_products.reason
+    assert fp32.row_multiple is None
+    assert fp32.head_product.on and "90 vs 49" in fp32.head_product.reason  # the one product MKL splits badly
+    assert "head product" not in bf16.choices()  # the head runs in bf16 there
     assert bf16.row_multiple is None  # torch runs bf16 products on oneDNN only with AVX-512
     assert not bf16.bf16.on and bf16.bf16.value == "unsupported"
     no_avx = cpu.cpu_plan(NO_AVX, "fp32")
-    assert not no_avx.fp32_products.on and no_avx.row_multiple is None
+    assert not no_avx.fp32_products.on and no_avx.row_multiple is None and not no_avx.head_product.on
     with pytest.raises(ValueError, match="'fp16'"):
         cpu.cpu_plan(AVX2_ONLY, "fp16")
 
@@ -155,9 +157,10 @@ def test_fp32_products_follow_the_plan(tiny_model_dir):
     if not kernels._onednn_exact():
         pytest.skip("this torch build has no exact oneDNN fp32 product")
     model = lora_model(tiny_model_dir)
-    on, logits_on = products_on_onednn(model, AVX2_ONLY)
+    on, logits_on = products_on_onednn(model, AMD_AVX512_BF16)
     off, logits_off = products_on_onednn(model, NO_AVX)
     assert products_on_onednn(model, INTEL_AVX512_BF16)[0] == 0  # torch's BLAS there
+    assert products_on_onednn(model, AVX2_ONLY)[0] == 0
     layers = model.get_base_model().config.num_hidden_layers
     assert on >= 7 * layers * 2  # every LoRA layer: its base and rank-sized products
     assert off == 0
@@ -165,9 +168,39 @@ def test_fp32_products_follow_the_plan(tiny_model_dir):
     with cpu.assume(NO_AVX):
         assert kernels.cpu_row_multiple(mixed_precision=False) is None
         assert kernels.matmul_nt(torch.ones(32, 64), torch.ones(32, 64)).shape == (32, 32)
-    with cpu.assume(AVX2_ONLY):
+    with cpu.assume(AMD_AVX512_BF16):
         assert kernels.cpu_row_multiple(mixed_precision=False) == cpu.ROW_MULTIPLE
+    with cpu.assume(AVX2_ONLY):
+        assert kernels.cpu_row_multiple(mixed_precision=False) is None
         assert kernels.cpu_row_multiple(mixed_precision=True) is None
+
+
+def test_the_output_heads_product_follows_the_plan():
+    """The head's forward product alone takes oneDNN where only it is planned there (AVX2 only);
+    the loss and its gradient are the same on every path."""
+    if not kernels._onednn_exact():
+        pytest.skip("this torch build has no exact oneDNN fp32 product")
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.train.loss import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(70, 64, generator=gen), torch.randn(128, 64, generator=gen) * 0.3
+    targets = torch.randint(0, 128, (70,), generator=gen)
+    results = {}
+    for name, found in (("avx2", AVX2_ONLY), ("blas", INTEL_AVX512_BF16), ("onednn", AMD_AVX512_BF16)):
+        h = hidden.clone().requires_grad_()
+        with cpu.assume(found), profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss = linear_cross_entropy(h, weight, targets, chunk=32)
+        loss.backward()
+        calls = {e.key: e.count for e in prof.key_averages()}.get("mkldnn::_linear_pointwise", 0)
+        results[name] = (calls, loss.detach(), h.grad)
+    assert results["avx2"][0] == 3  # the forward product of each chunk (32, 32 and 6 rows padded to 32)
+    assert results["blas"][0] == 0
+    assert results["onednn"][0] == 6  # and the gradient's product of each chunk
+    for _calls, loss, grad in results.values():
+        assert torch.allclose(loss, results["blas"][1], rtol=1e-6)
+        assert torch.allclose(grad, results["blas"][2], atol=1e-6)
 
 
 def bf16_attention_calls(monkeypatch, planned: cpu.FeatureSet | cpu.CpuPlan) -> tuple[int, list[torch.dtype]]:

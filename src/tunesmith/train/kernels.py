@@ -114,12 +114,24 @@ def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
         and torch.backends.mkldnn.is_available()
 
 
+def head_on_onednn(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the output head's forward product (train/loss.py) runs on oneDNN: fp32 on the CPU,
+    where the plan puts it there and this torch build can."""
+    import torch
+
+    return device_type == "cpu" and dtype == torch.float32 and plan_in_use("fp32").head_product.on \
+        and _onednn_exact()
+
+
 def cpu_kernels(mixed_precision: bool) -> str:
     """One line naming the CPU kernels a run uses: the plan's, less what this torch build cannot run."""
     plan = plan_in_use("bf16" if mixed_precision else "fp32")
-    if plan.fp32_products.on and not _onednn_exact():
-        plan = dataclasses.replace(plan, fp32_products=Choice(False, "torch matmul (oneDNN not exact in this build)",
-                                                              plan.fp32_products.reason))
+    if not _onednn_exact():
+        not_exact = "torch matmul (oneDNN not exact in this build)"
+        if plan.fp32_products.on:
+            plan = dataclasses.replace(plan, fp32_products=Choice(False, not_exact, plan.fp32_products.reason))
+        if plan.head_product.on:
+            plan = dataclasses.replace(plan, head_product=Choice(False, not_exact, plan.head_product.reason))
     return plan.summary()
 
 
@@ -131,26 +143,28 @@ def cpu_row_multiple(mixed_precision: bool) -> int | None:
     return ROW_MULTIPLE if _on_onednn("cpu", torch.bfloat16 if mixed_precision else torch.float32) else None
 
 
-def pad_rows(x: torch.Tensor) -> torch.Tensor:
+def pad_rows(x: torch.Tensor, onednn: bool | None = None) -> torch.Tensor:
     """A 2-D `x` with zero rows appended up to a multiple of ROW_MULTIPLE where its products run
-    on oneDNN; `x` itself otherwise."""
+    on oneDNN (`onednn`, else as the plan puts `x`'s products); `x` itself otherwise."""
     import torch
 
     extra = -x.shape[0] % ROW_MULTIPLE
-    if not extra or not _on_onednn(x.device.type, x.dtype):
+    if not extra or not (_on_onednn(x.device.type, x.dtype) if onednn is None else onednn):
         return x
     return torch.cat([x, x.new_zeros(extra, x.shape[1])])
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool | None = None) -> torch.Tensor:
     """a @ b.T for a 2-D or 3-D `a` and 2-D `b` (either may be a transposed view): through oneDNN
-    for fp32 on the CPU when every dimension is below or a multiple of ROW_MULTIPLE, through
-    torch's matmul otherwise. Not differentiable: for use inside autograd functions."""
+    for fp32 on the CPU when every dimension is below or a multiple of ROW_MULTIPLE and `onednn`
+    (else the plan) says so, through torch's matmul otherwise. Not differentiable: for use inside
+    autograd functions."""
     import torch
 
     dims = (a.shape[:-1].numel(), a.shape[-1], b.shape[0])
     if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 \
-            and all(d < ROW_MULTIPLE or d % ROW_MULTIPLE == 0 for d in dims) and _on_onednn("cpu", a.dtype):
+            and all(d < ROW_MULTIPLE or d % ROW_MULTIPLE == 0 for d in dims) \
+            and (_on_onednn("cpu", a.dtype) if onednn is None else onednn):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from tunesmith.data.encode import IGNORE_INDEX
 from tunesmith.train.attention import forward_kwargs
-from tunesmith.train.kernels import ROW_MULTIPLE, matmul_nt, pad_rows
+from tunesmith.train.kernels import ROW_MULTIPLE, head_on_onednn, matmul_nt, pad_rows
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): 160 tokens of a 49k vocabulary (bench/RESULTS.md)
 
@@ -42,13 +42,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        head_onednn = head_on_onednn(hidden.device.type, dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
-                padded_h = pad_rows(h)  # row count rounded up for oneDNN (kernels.ROW_MULTIPLE)
-                padded = matmul_nt(padded_h, w).float()
+                padded_h = pad_rows(h, head_onednn)  # row count rounded up for oneDNN (kernels.ROW_MULTIPLE)
+                padded = matmul_nt(padded_h, w, head_onednn).float()
                 logits = padded[: len(y)]
                 # log-sum-exp in place, so that the logits buffer is the chunk's only large one
                 target_logit = logits.gather(1, y[:, None]).squeeze(1)
