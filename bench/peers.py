@@ -196,7 +196,7 @@ for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         bt = b.t().contiguous()
         products = [lambda: a @ b]  # torch's matmul (a BLAS in fp32)
-        if onednn is not None:  # and oneDNN's, which tunesmith uses for fp32 on the CPU
+        if onednn is not None:  # and oneDNN's, which tunesmith uses for fp32 on some CPUs
             products.append(lambda: onednn(a, bt, None, "none", [], ""))
         for product in products:
             try:

@@ -13,7 +13,9 @@ alternate step by step and share the machine's conditions. A variant is `layout[
                flash kernel in fp32; or that kernel in bf16; without it, the CPU plan's choice);
                cast (peft casts LoRA inputs to the adapters' fp32 under autocast, which training
                turns off); plain (transformers' and peft's own forwards instead of train/kernels.py's, so
-               the linear layers' fp32 products go to torch's matmul rather than oneDNN)
+               the linear layers' fp32 products go to torch's matmul rather than oneDNN); blas (the
+               engine's forwards with every fp32 product, the output head's too, on torch's BLAS,
+               unpadded); headblas (only the output head's fp32 product on the BLAS, the rest as planned)
 
 It prints, per variant, the median step time and the non-padding tokens per second. By default
 time is this process's CPU time, which a busy machine disturbs far less than wall time; use
@@ -111,14 +113,18 @@ def main() -> None:
 
         options = variant.split("+")
         kernel = next((o[len("attn="):] for o in options if o.startswith("attn=")), None)
-        if kernel and "blas" in options:
+        on_blas = {"blas", "headblas"} & set(options)
+        if kernel and on_blas:
             raise SystemExit(f"{variant}: attn= sets the bf16 plan, blas the fp32 one; use one per variant")
         chosen = nullcontext()  # assumed for the whole step: forward, backward and optimizer
         if kernel:
             chosen = cpu.assume(replace(cpu.plan_in_use("bf16"), bf16_attention=cpu.Choice(True, kernel, "A/B")))
-        elif "blas" in options:
-            chosen = cpu.assume(replace(cpu.plan_in_use("fp32"), fp32_products=cpu.Choice(False, "torch matmul", "A/B"),
-                                        padding=cpu.Choice(False, "none", "A/B")))
+        elif on_blas:
+            blas = cpu.Choice(False, "torch matmul", "A/B")
+            plan = replace(cpu.plan_in_use("fp32"), head_product=blas)
+            if "blas" in options:
+                plan = replace(plan, fp32_products=blas, padding=cpu.Choice(False, "none", "A/B"))
+            chosen = cpu.assume(plan)
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         started = clock()
         with chosen:

@@ -175,32 +175,57 @@ def test_fp32_products_follow_the_plan(tiny_model_dir):
         assert kernels.cpu_row_multiple(mixed_precision=True) is None
 
 
+def head_inputs():
+    """102 tokens: chunks of 64 leave 38 rows, which reach oneDNN only when padded to 64."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(102, 64, generator=gen), torch.randn(128, 64, generator=gen) * 0.3
+    return hidden, weight, torch.randint(0, 128, (102,), generator=gen)
+
+
 def test_the_output_heads_product_follows_the_plan():
-    """The head's forward product alone takes oneDNN where only it is planned there (AVX2 only);
-    the loss and its gradient are the same on every path."""
+    """The head's forward product alone takes oneDNN, its rows padded, where only it is planned
+    there (AVX2 only); the loss and its gradients are the same on every path."""
     if not kernels._onednn_exact():
         pytest.skip("this torch build has no exact oneDNN fp32 product")
     from torch.profiler import ProfilerActivity, profile
 
     from tunesmith.train.loss import linear_cross_entropy
 
-    gen = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(70, 64, generator=gen), torch.randn(128, 64, generator=gen) * 0.3
-    targets = torch.randint(0, 128, (70,), generator=gen)
+    hidden, weight, targets = head_inputs()
     results = {}
     for name, found in (("avx2", AVX2_ONLY), ("blas", INTEL_AVX512_BF16), ("onednn", AMD_AVX512_BF16)):
-        h = hidden.clone().requires_grad_()
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with cpu.assume(found), profile(activities=[ProfilerActivity.CPU]) as prof:
-            loss = linear_cross_entropy(h, weight, targets, chunk=32)
+            loss = linear_cross_entropy(h, w, targets, chunk=64)
         loss.backward()
         calls = {e.key: e.count for e in prof.key_averages()}.get("mkldnn::_linear_pointwise", 0)
-        results[name] = (calls, loss.detach(), h.grad)
-    assert results["avx2"][0] == 3  # the forward product of each chunk (32, 32 and 6 rows padded to 32)
+        results[name] = (calls, loss.detach(), h.grad, w.grad)
+    assert results["avx2"][0] == 2  # the forward product of each chunk, the 38-row one padded
     assert results["blas"][0] == 0
-    assert results["onednn"][0] == 6  # and the gradient's product of each chunk
-    for _calls, loss, grad in results.values():
+    assert results["onednn"][0] == 6  # and both gradient products of each chunk
+    for _calls, loss, grad_h, grad_w in results.values():
         assert torch.allclose(loss, results["blas"][1], rtol=1e-6)
-        assert torch.allclose(grad, results["blas"][2], atol=1e-6)
+        assert torch.allclose(grad_h, results["blas"][2], atol=1e-6)
+        assert torch.allclose(grad_w, results["blas"][3], atol=1e-5)
+
+
+def test_bf16_head_chunks_are_padded_where_bf16_products_take_onednn():
+    """Under bf16 autocast the head's chunks follow the bf16 products: padded to ROW_MULTIPLE rows
+    where those run on oneDNN (AVX-512), as they are, never padded, with AVX2 only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.train.loss import linear_cross_entropy
+
+    hidden, weight, targets = head_inputs()
+    rows = {}
+    for name, found in (("avx512", AMD_AVX512_BF16), ("avx2", AVX2_ONLY)):
+        with cpu.assume(found), torch.autocast("cpu", dtype=torch.bfloat16), \
+                profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            linear_cross_entropy(hidden.clone().requires_grad_(), weight, targets, chunk=64)
+        rows[name] = {e.input_shapes[0][0] for e in prof.key_averages(group_by_input_shape=True)
+                      if e.key == "aten::mm" and e.input_shapes and e.input_shapes[0]}
+    assert rows["avx512"] == {64}
+    assert rows["avx2"] == {64, 38}
 
 
 def bf16_attention_calls(monkeypatch, planned: cpu.FeatureSet | cpu.CpuPlan) -> tuple[int, list[torch.dtype]]:

@@ -200,8 +200,8 @@ def _head_product(features: FeatureSet, products: Choice) -> Choice:
         # MKL splits the head's few-row, 49k-column product badly; oneDNN does not, and its row
         # counts are padded like every oneDNN product's, so few kernels are built.
         return Choice(True, "oneDNN", "AVX2 only: the head's 160 x 576 x 49152 product at 90 vs 49 GFLOP/s on "
-                                      "torch's BLAS; +3-6% tokens/s (110.9 vs 107.9 at 2 threads, 67.9 vs 64.3 "
-                                      "at 1); measured on an AMD EPYC (Zen 3)")
+                                      "torch's BLAS (2 threads; 137 vs 191 ms at 1), a step 0-6% faster in five "
+                                      "alternated runs; measured on an AMD EPYC (Zen 3)")
     return Choice(False, "torch matmul", "with the other fp32 products")
 
 

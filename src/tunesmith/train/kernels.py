@@ -20,10 +20,12 @@ on a random input before they are installed. bench/RESULTS.md measures them.
 `matmul_nt` runs fp32 products on the CPU through oneDNN, which picks its kernels from the CPU's
 features, where torch's fp32 matmul goes to a BLAS that may not use AVX-512 on every vendor's CPU
 (2.2x apart on an AVX-512 AMD CPU, bench/RESULTS.md), or through torch's BLAS where that measured
-faster (MKL on an Intel Xeon without AMX); the loss's output head uses it too. Where the products
-take oneDNN, training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they do.
-Whether fp32 products take oneDNN, and whether pieces are padded, is the CPU plan's choice
-(tunesmith/cpu.py, `plan_in_use`), checked at every call.
+faster (MKL on an Intel Xeon without AMX and on AVX2-only CPUs); the loss's output head uses it
+too, with its own choice (`head_on_onednn`: oneDNN for the head's few-row, vocabulary-wide
+product on AVX2-only CPUs, whose other products take the BLAS). Where the products take oneDNN,
+training pads its pieces to a multiple of ROW_MULTIPLE tokens so that they do. Whether fp32
+products take oneDNN, and whether pieces are padded, is the CPU plan's choice (tunesmith/cpu.py,
+`plan_in_use`), checked at every call.
 """
 
 from __future__ import annotations
@@ -115,12 +117,14 @@ def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def head_on_onednn(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the output head's forward product (train/loss.py) runs on oneDNN: fp32 on the CPU,
-    where the plan puts it there and this torch build can."""
+    """Whether the output head's forward product (train/loss.py) runs on oneDNN: in fp32 on the
+    CPU where the plan puts it there and this torch build can; in another dtype with that dtype's
+    other products."""
     import torch
 
-    return device_type == "cpu" and dtype == torch.float32 and plan_in_use("fp32").head_product.on \
-        and _onednn_exact()
+    if dtype != torch.float32:
+        return _on_onednn(device_type, dtype)
+    return device_type == "cpu" and plan_in_use("fp32").head_product.on and _onednn_exact()
 
 
 def cpu_kernels(mixed_precision: bool) -> str:
