@@ -191,7 +191,7 @@ onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 best = {}
 shapes = ((1024, 576, 1536), (1024, 1536, 576), (2048, 2048, 2048))
 for dtype in (torch.float32, torch.bfloat16):
-    # Emulated bf16 (no AVX512-BF16/AMX) runs ~100x slower: one shape bounds it well enough.
+    # Emulated bf16 (no AVX512-BF16/AMX) ran 80x slower than fp32 (2 vs 165 GFLOP/s): one shape bounds it.
     for m, k, n in shapes if dtype == torch.float32 or native_bf16 else shapes[:1]:
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         bt = b.t().contiguous()

@@ -132,10 +132,9 @@ def cpu_kernels(mixed_precision: bool) -> str:
     plan = plan_in_use("bf16" if mixed_precision else "fp32")
     if not _onednn_exact():
         not_exact = "torch matmul (oneDNN not exact in this build)"
-        if plan.fp32_products.on:
-            plan = dataclasses.replace(plan, fp32_products=Choice(False, not_exact, plan.fp32_products.reason))
-        if plan.head_product.on:
-            plan = dataclasses.replace(plan, head_product=Choice(False, not_exact, plan.head_product.reason))
+        for field in ("fp32_products", "head_product"):
+            if getattr(plan, field).on:
+                plan = dataclasses.replace(plan, **{field: Choice(False, not_exact, getattr(plan, field).reason)})
     return plan.summary()
 
 
