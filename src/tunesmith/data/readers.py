@@ -121,7 +121,7 @@ def read_rows(spec_or_path: Any) -> Iterator[tuple[int, int | None, dict[str, An
             index += 1
 
 
-def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError, line_offset: int, byte_offset: int,
+def _not_utf8(path: Path | str, raw: bytes, exc: UnicodeDecodeError, line_offset: int, byte_offset: int,
               row: int | None = None) -> DataProblem:
     line = line_offset + raw.count(b"\n", 0, exc.start) + 1
     line_start = raw.rfind(b"\n", 0, exc.start) + 1
@@ -151,7 +151,7 @@ def _jsonl_records(path: Path, raw_lines: bool = False) -> Iterator[Record]:
             index += 1
 
 
-def parse_raw_line(path: Path, index: int, number: int, raw: RawLine) -> dict[str, Any] | DataProblem:
+def parse_raw_line(path: Path | str, index: int, number: int, raw: RawLine) -> dict[str, Any] | DataProblem:
     """One JSON Lines row, or the DataProblem that names its line and column."""
     chunk = raw.data.rstrip(b"\r\n")
     try:
@@ -166,7 +166,7 @@ def parse_raw_line(path: Path, index: int, number: int, raw: RawLine) -> dict[st
     return row if isinstance(row, dict) else _not_an_object(path, index, number, row)
 
 
-def _not_an_object(path: Path, index: int, line: int | None, row: Any) -> DataProblem:
+def _not_an_object(path: Path | str, index: int, line: int | None, row: Any) -> DataProblem:
     return DataProblem(path, index, line, None, f"a row must be a JSON object, found {type(row).__name__}",
                        'write each row as {"column": value, ...}')
 
