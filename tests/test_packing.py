@@ -251,12 +251,14 @@ def test_padded_pieces_keep_the_loss_and_count_only_real_tokens():
 
 def _attention_inputs(length: int, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
-    q, k, v = (torch.randn(1, heads, length, 16) for heads in (6, 2, 2))  # 3 query heads per key/value head
+    # (1, heads, L, d) views of (1, L, heads, d) tensors, as attention layers hand them over;
+    # 3 query heads per key/value head
+    q, k, v = (torch.randn(1, length, heads, 16).transpose(1, 2) for heads in (6, 2, 2))
     grad = torch.randn(1, length, 6, 16)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)], grad.to(dtype)
 
 
-@pytest.mark.parametrize("length", [37, 64])  # padded inside to a multiple of 32, or not
+@pytest.mark.parametrize("length", [37, 64, 300])  # padded inside to a multiple of 32, or not; 300: three query blocks
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_matmul_attention_matches_sdpa(dtype, tolerance, length):
     """The bf16 CPU kernel: causal, grouped-query heads mapped like repeat_kv, same gradients."""

@@ -31,6 +31,10 @@ HOST_BOUNDS = "cu_seq_lens_host"
 # Where each token of a varlen row goes in a (samples x longest sample) batch, built once per batch on
 # the device (sample_slots); its presence selects the one-call path in varlen_sdpa_attention.
 SAMPLE_SLOTS = "varlen_sample_slots"
+# Query rows per block of CausalMatmulAttention: a block's fp32 scores are 9 heads x 128 rows x the
+# keys up to the block's end for the default model (2.4 MB at 512 tokens, where a whole sample's are
+# 9.4 MB); 64 and 256 measured slower (bench/RESULTS.md).
+QUERY_BLOCK = 4 * ROW_MULTIPLE
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -41,9 +45,14 @@ def _causal_attention_function() -> type:
         """Causal attention of one sample as plain batched matrix products, for bf16 on the CPU.
 
         torch's CPU flash kernel computes bf16 attention no faster than fp32 (bench/RESULTS.md);
-        here the four products per pass run in bf16 on the AMX units, grouped by key/value head
-        (grouped-query attention without repeating k and v), while the softmax and its gradient
-        are formed in fp32. Only q, k, v and the bf16 probabilities are kept for backward.
+        here the four products per pass run in bf16 (on the AMX units where there are some),
+        grouped by key/value head (grouped-query attention without repeating k and v), while the
+        softmax and its gradient are formed in fp32. Queries go QUERY_BLOCK at a time against the
+        keys up to the block's end: the cast, mask and softmax pass over a block's smaller
+        scores instead of the whole sample's (3-6x faster at 400-1024 tokens, bench/RESULTS.md),
+        and the keys past the block, all masked, are never multiplied. Each query row still sees
+        all of its keys at once, so the softmax is exact. Kept for backward: the scaled q, k, v
+        and each block's bf16 probabilities (53-68% of a whole sample's at 320-2048 tokens).
         """
 
         @staticmethod
@@ -51,32 +60,51 @@ def _causal_attention_function() -> type:
                     scaling: float) -> torch.Tensor:
             _, heads, length, dim = query.shape
             groups = key.shape[1]
-            q = (query[0] * scaling).reshape(groups, heads // groups * length, dim)
-            scores = (q @ key[0].transpose(-1, -2)).float()
-            future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu_(1)
-            scores.view(groups, heads // groups, length, length).masked_fill_(future, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(query.dtype)
-            ctx.save_for_backward(q, key, value, probs)
+            q = (query[0] * scaling).view(groups, heads // groups, length, dim)
+            out = torch.empty_like(q)
+            probs = []
+            for start, end in _query_blocks(length):
+                rows = q[:, :, start:end].reshape(groups, -1, dim)
+                scores = (rows @ key[0, :, :end].transpose(-1, -2)).float()
+                future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu_(start + 1)
+                scores.view(groups, heads // groups, end - start, end).masked_fill_(future, float("-inf"))
+                probs.append(torch.softmax(scores, dim=-1).to(query.dtype))
+                out[:, :, start:end] = (probs[-1] @ value[0, :, :end]).view(groups, -1, end - start, dim)
+            ctx.save_for_backward(q, key, value, *probs)
             ctx.scaling = scaling
-            return (probs @ value[0]).view(1, heads, length, dim)
+            return out.view(1, heads, length, dim)
 
         @staticmethod
         def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-            q, key, value, probs = ctx.saved_tensors
-            _, heads, length, dim = grad_out.shape
-            groups = key.shape[1]
-            g = grad_out[0].reshape(groups, -1, dim)
-            grad_value = probs.transpose(-1, -2) @ g
-            grad_probs = (g @ value[0].transpose(-1, -2)).float()
-            grad_scores = torch._softmax_backward_data(grad_probs, probs.float(), -1, torch.float32).to(q.dtype)
-            grad_query = (grad_scores @ key[0]) * ctx.scaling
-            grad_key = grad_scores.transpose(-1, -2) @ q  # q carries the scaling already
-            return grad_query.view(1, heads, length, dim), grad_key[None], grad_value[None], None
+            q, key, value, *probs = ctx.saved_tensors
+            groups, per_group, length, dim = q.shape
+            g = grad_out[0].reshape(groups, per_group, length, dim)
+            grad_query = torch.empty_like(q)
+            # key and value gradients: each block's bf16 product summed in fp32, cast back at the end
+            grad_key = torch.zeros(groups, length, dim, dtype=torch.float32, device=q.device)
+            grad_value = torch.zeros_like(grad_key)
+            for (start, end), block_probs in zip(_query_blocks(length), probs, strict=True):
+                rows = q[:, :, start:end].reshape(groups, -1, dim)
+                block_grad = g[:, :, start:end].reshape(groups, -1, dim)
+                grad_value[:, :end] += block_probs.transpose(-1, -2) @ block_grad
+                grad_probs = (block_grad @ value[0, :, :end].transpose(-1, -2)).float()
+                grad_scores = torch._softmax_backward_data(grad_probs, block_probs.float(), -1,
+                                                           torch.float32).to(q.dtype)
+                grad_query[:, :, start:end] = ((grad_scores @ key[0, :, :end]) * ctx.scaling).view(
+                    groups, per_group, end - start, dim)
+                grad_key[:, :end] += grad_scores.transpose(-1, -2) @ rows  # rows carry the scaling already
+            return (grad_query.view(1, -1, length, dim), grad_key.to(q.dtype)[None], grad_value.to(q.dtype)[None],
+                    None)
 
     return CausalMatmulAttention
 
 
 _CAUSAL_MATMUL: type | None = None
+
+
+def _query_blocks(length: int) -> list[tuple[int, int]]:
+    """(start, end) of the query blocks of CausalMatmulAttention."""
+    return [(start, min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
 
 
 def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
