@@ -183,8 +183,8 @@ def _fp32_products(features: FeatureSet) -> Choice:
                                              "133 vs 124 (1 thread); measured on one such Xeon (with AVX512-FP16), "
                                              "applied to all")
     if features.has("AVX-512"):
-        return Choice(True, "oneDNN", "oneDNN uses AVX-512 where torch's BLAS may not: 2.2x on AMD EPYC (Zen 4), "
-                                      "1.58x on Zen 5, 1.13x on an Intel Xeon with AMX")
+        return Choice(True, "oneDNN", "oneDNN uses AVX-512 where torch's BLAS may not: 2.2x and 1.58x on two AMD "
+                                      "EPYCs (the second a Zen 5), 1.13x on an Intel Xeon with AMX")
     if features.has("AVX2"):
         # Without AVX-512 oneDNN has no wider kernels than the BLAS, and MKL's AVX2 ones won.
         return Choice(False, "torch matmul", "AVX2 only: torch's BLAS (MKL) faster than oneDNN, 132.8 vs 112.3 "
@@ -227,8 +227,8 @@ def _bf16_attention(features: FeatureSet) -> Choice:
 
 def _bf16_advice(features: FeatureSet) -> Choice:
     if features.fast_bf16_products:
-        return Choice(True, "advisable", "bf16 products about 2x fp32 (992 vs 498 GFLOP/s AMD EPYC Zen 4, 924 vs "
-                                         "451 Zen 5; 494 vs 296 tokens/s Intel AMX)")
+        return Choice(True, "advisable", "bf16 products about 2x fp32 (992 vs 498 and 924 vs 451 GFLOP/s on two "
+                                         "AMD EPYCs; 494 vs 296 tokens/s Intel AMX)")
     if features.native_bf16:
         return Choice(False, "slower than fp32", "AVX512-BF16 without AMX: bf16 products measured at half the "
                                                  "fp32 rate (165 vs 318 GFLOP/s, Intel Xeon)")

@@ -33,7 +33,7 @@ HOST_BOUNDS = "cu_seq_lens_host"
 SAMPLE_SLOTS = "varlen_sample_slots"
 # Query rows per block of CausalMatmulAttention: a block's fp32 scores are 9 heads x 128 rows x the
 # keys up to the block's end for the default model (2.4 MB at 512 tokens, where a whole sample's are
-# 9.4 MB); 64 and 256 measured slower (bench/RESULTS.md).
+# 9.4 MB); 64 and 256 were slower at 1024 tokens and no better at 400-512 (bench/RESULTS.md).
 QUERY_BLOCK = 4 * ROW_MULTIPLE
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -60,16 +60,16 @@ def _causal_attention_function() -> type:
                     scaling: float) -> torch.Tensor:
             _, heads, length, dim = query.shape
             groups = key.shape[1]
-            q = (query[0] * scaling).view(groups, heads // groups, length, dim)
+            per_group = heads // groups
+            q = (query[0] * scaling).view(groups, per_group, length, dim)
             out = torch.empty_like(q)
             probs = []
             for start, end in _query_blocks(length):
-                rows = q[:, :, start:end].reshape(groups, -1, dim)
-                scores = (rows @ key[0, :, :end].transpose(-1, -2)).float()
+                scores = (_block_rows(q, start, end) @ key[0, :, :end].transpose(-1, -2)).float()
                 future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu_(start + 1)
-                scores.view(groups, heads // groups, end - start, end).masked_fill_(future, float("-inf"))
+                scores.view(groups, per_group, end - start, end).masked_fill_(future, float("-inf"))
                 probs.append(torch.softmax(scores, dim=-1).to(query.dtype))
-                out[:, :, start:end] = (probs[-1] @ value[0, :, :end]).view(groups, -1, end - start, dim)
+                out[:, :, start:end] = (probs[-1] @ value[0, :, :end]).view(groups, per_group, end - start, dim)
             ctx.save_for_backward(q, key, value, *probs)
             ctx.scaling = scaling
             return out.view(1, heads, length, dim)
@@ -84,8 +84,7 @@ def _causal_attention_function() -> type:
             grad_key = torch.zeros(groups, length, dim, dtype=torch.float32, device=q.device)
             grad_value = torch.zeros_like(grad_key)
             for (start, end), block_probs in zip(_query_blocks(length), probs, strict=True):
-                rows = q[:, :, start:end].reshape(groups, -1, dim)
-                block_grad = g[:, :, start:end].reshape(groups, -1, dim)
+                rows, block_grad = _block_rows(q, start, end), _block_rows(g, start, end)
                 grad_value[:, :end] += block_probs.transpose(-1, -2) @ block_grad
                 grad_probs = (block_grad @ value[0, :, :end].transpose(-1, -2)).float()
                 grad_scores = torch._softmax_backward_data(grad_probs, block_probs.float(), -1,
@@ -105,6 +104,12 @@ _CAUSAL_MATMUL: type | None = None
 def _query_blocks(length: int) -> list[tuple[int, int]]:
     """(start, end) of the query blocks of CausalMatmulAttention."""
     return [(start, min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
+
+
+def _block_rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """A block's positions of a (groups, heads per group, L, d) tensor as one (groups, rows, d)
+    operand, its rows ordered by head, then position."""
+    return t[:, :, start:end].reshape(t.shape[0], -1, t.shape[-1])
 
 
 def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
