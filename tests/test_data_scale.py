@@ -74,6 +74,14 @@ def test_store_is_mapped_and_holds_the_samples_of_a_direct_encode(tokenizer, rep
         (data.train[7].input_ids, data.train[7].labels, 7)
     again = tokenize_datasets(cfg, tokenizer, quiet=True)
     assert again.from_cache and as_tuples(again.train) == as_tuples(data.train)
+    # Opened from the split's merged index as from the chunks' own index files.
+    merged = again.train._split
+    assert store.merged_index_paths(data.path, "train")[0].exists()
+    for path in store.merged_index_paths(data.path, "train"):
+        path.unlink()
+    by_chunk = store.StoreSplit(data.path, "train", merged.datasets)
+    assert merged._dirs == by_chunk._dirs and merged.chunk_starts.tolist() == by_chunk.chunk_starts.tolist()
+    assert merged.index.tobytes() == by_chunk.index.tobytes()
 
 
 def test_val_split_and_report_from_the_store(tokenizer, repo_data, cache_home, small_chunks):

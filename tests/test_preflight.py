@@ -152,6 +152,12 @@ def test_padding_share_and_longest_samples(tok):
     assert any(t.startswith("73% of every batch is padding") for t in levels(crowded, WARNING))
     packed = run_preflight([fake(3, 0), fake(97, 1)], tok, config(packing=True))
     assert not any("padding share" in f for f in packed.figures)
+    # One sample a micro-batch: no padding; five tied for longest: the first three in sample order.
+    ties = run_preflight([fake(8, row) for row in range(2)] + [fake(20, row) for row in range(2, 7)], tok,
+                         config(per_device_train_batch_size=1))
+    assert "padding share at batch size 1: 0.0%" in ties.figures
+    assert "longest: lens row 2 (20 tokens, 2 trained), lens row 3 (20 tokens, 2 trained), " \
+           "lens row 4 (20 tokens, 2 trained)" in ties.figures
 
 
 def test_a_fatal_finding_stops_the_run_before_the_model_loads(tmp_path, tiny_model_dir):

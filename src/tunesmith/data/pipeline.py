@@ -315,6 +315,8 @@ def _finalize(partial: Path, target: Path, cfg: RunConfig, specs: dict[str, list
     meta = {"key": key, "version": TOKENIZE_VERSION, "format": store.STORE_FORMAT, "datasets": names,
             "samples": {"train": len(train_records), "eval": len(eval_records)},
             "report": {"train": asdict(report.train), "eval": asdict(report.eval), "seconds": report.seconds}}
+    for split in ("train", "eval"):
+        store.write_merged_index(partial, split)
     (partial / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     replace_folder(partial, target)
 

@@ -13,6 +13,9 @@ complete; `meta.json` is written last and marks the whole store complete. A chun
 - `summary.json`: the rows the chunk read, the rows it dropped (with reasons) and the rows it
   could not read (with file, row, line and column), and the columns it saw.
 
+A completed store also holds every split's index records in one file (`<split>_index.npy`, with
+`<split>_chunk_starts.npy`), so that opening it reads two small files instead of one per chunk.
+
 Opening a store maps the token files and reads the small index arrays: memory does not grow with
 the number of tokens, and per-sample Python objects exist only for the samples asked for.
 """
@@ -135,20 +138,41 @@ def _chunk_dirs(folder: Path, split: str) -> list[Path]:
     return sorted(d for d in chunks.iterdir() if d.name.startswith(f"{split}-") and (d / "summary.json").exists())
 
 
+def merged_index_paths(folder: Path, split: str) -> tuple[Path, Path]:
+    """The split's index records and chunk starts in one file each, written when the store is
+    completed: opening a large store then reads two files, not one per chunk."""
+    return folder / f"{split}_index.npy", folder / f"{split}_chunk_starts.npy"
+
+
+def write_merged_index(folder: Path, split: str) -> None:
+    merged = StoreSplit(folder, split, [])
+    if [d.name for d in merged._dirs] != [chunk_name(split, k) for k in range(len(merged._dirs))]:
+        return  # chunks not numbered 0..n-1: the split keeps being read chunk by chunk
+    index_path, starts_path = merged_index_paths(folder, split)
+    np.save(index_path, merged.index)
+    np.save(starts_path, merged.chunk_starts)
+
+
 class StoreSplit:
     """Every sample of one split (train or eval data) of a store, in dataset order."""
 
     def __init__(self, folder: Path, split: str, datasets: list[str]) -> None:
         self.datasets = datasets
-        self._dirs = _chunk_dirs(Path(folder), split)
+        folder = Path(folder)
+        index_path, starts_path = merged_index_paths(folder, split)
+        if index_path.exists() and starts_path.exists():  # a completed store
+            self.index, self.chunk_starts = np.load(index_path), np.load(starts_path)
+            self._dirs = [folder / "chunks" / chunk_name(split, k) for k in range(len(self.chunk_starts) - 1)]
+        else:
+            self._dirs = _chunk_dirs(folder, split)
+            indexes = [np.load(d / "index.npy") for d in self._dirs]
+            counts = np.array([len(x) for x in indexes], dtype=np.int64)
+            self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
         # Token files are mapped when a chunk is first read (opening a store maps none of them).
         self._ids: list[np.ndarray | None] = [None] * len(self._dirs)
         self._trained: list[np.ndarray | None] = [None] * len(self._dirs)
         self._weights: list[np.ndarray | None] = [None] * len(self._dirs)
-        indexes = [np.load(d / "index.npy") for d in self._dirs]
-        counts = np.array([len(x) for x in indexes], dtype=np.int64)
-        self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
 
     def __len__(self) -> int:
         return len(self.index)
