@@ -22,7 +22,7 @@ from tunesmith.config import load_config
 from tunesmith.data import chunks, readers, store
 from tunesmith.data.encode import Encoded, encode
 from tunesmith.data.formats import load_conversations
-from tunesmith.data.pipeline import data_fingerprint, tokenize_datasets
+from tunesmith.data.pipeline import data_fingerprint, open_store, tokenize_datasets
 from tunesmith.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +82,29 @@ def test_store_is_mapped_and_holds_the_samples_of_a_direct_encode(tokenizer, rep
     by_chunk = store.StoreSplit(data.path, "train", merged.datasets)
     assert merged._dirs == by_chunk._dirs and merged.chunk_starts.tolist() == by_chunk.chunk_starts.tolist()
     assert merged.index.tobytes() == by_chunk.index.tobytes()
+
+
+def test_a_completion_cut_short_after_the_merged_index_is_done_again(tokenizer, repo_data, cache_home,
+                                                                     small_chunks):
+    """Killed while completing the store: every chunk written, a merged index file cut short, no
+    meta.json. The next run completes the store from the chunks, not from that file."""
+    from tunesmith.data.pipeline import partial_folder
+
+    cfg = cfg_for(repo_data)
+    data = tokenize_datasets(cfg, tokenizer, quiet=True)
+    want = as_tuples(data.train)
+    partial = partial_folder(data.path)
+    shutil.copytree(data.path, partial)
+    shutil.rmtree(data.path)
+    (partial / "meta.json").unlink()
+    index_path = store.merged_index_paths(partial, "train")[0]
+    index_path.write_bytes(index_path.read_bytes()[:200])
+    again = tokenize_datasets(cfg, tokenizer, quiet=True)
+    assert not again.from_cache and as_tuples(again.train) == want
+    # A chunk removed from the completed store: opening it says so, the merged index notwithstanding.
+    shutil.rmtree(again.path / "chunks" / store.chunk_name("train", 2))
+    with pytest.raises(UserError, match="cannot be read"):
+        open_store(again.path)
 
 
 def test_val_split_and_report_from_the_store(tokenizer, repo_data, cache_home, small_chunks):

@@ -298,6 +298,8 @@ def _finalize(partial: Path, target: Path, cfg: RunConfig, specs: dict[str, list
               file=sys.stderr)
     dropped = {split: [row for x in summaries.get(split, []) for row in x["dropped"]] for split in ("train", "eval")}
     names = {split: [spec.name for spec in specs.get(split, [])] for split in ("train", "eval")}
+    for split in ("train", "eval"):  # from the chunks, whatever an interrupted completion left
+        store.write_merged_index(partial, split)
     train_split = store.StoreSplit(partial, "train", names["train"])
     if not len(train_split):
         reasons = Counter(str(x[2]) for x in dropped["train"])
@@ -315,8 +317,6 @@ def _finalize(partial: Path, target: Path, cfg: RunConfig, specs: dict[str, list
     meta = {"key": key, "version": TOKENIZE_VERSION, "format": store.STORE_FORMAT, "datasets": names,
             "samples": {"train": len(train_records), "eval": len(eval_records)},
             "report": {"train": asdict(report.train), "eval": asdict(report.eval), "seconds": report.seconds}}
-    for split in ("train", "eval"):
-        store.write_merged_index(partial, split)
     (partial / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     replace_folder(partial, target)
 

@@ -13,8 +13,9 @@ complete; `meta.json` is written last and marks the whole store complete. A chun
 - `summary.json`: the rows the chunk read, the rows it dropped (with reasons) and the rows it
   could not read (with file, row, line and column), and the columns it saw.
 
-A completed store also holds every split's index records in one file (`<split>_index.npy`, with
-`<split>_chunk_starts.npy`), so that opening it reads two small files instead of one per chunk.
+A completed store whose chunks are numbered 0..n-1 (every store tunesmith completes) also holds
+each split's index records in one file (`<split>_index.npy`, with `<split>_chunk_starts.npy`),
+so that opening it reads two small files instead of one per chunk.
 
 Opening a store maps the token files and reads the small index arrays: memory does not grow with
 the number of tokens, and per-sample Python objects exist only for the samples asked for.
@@ -145,12 +146,17 @@ def merged_index_paths(folder: Path, split: str) -> tuple[Path, Path]:
 
 
 def write_merged_index(folder: Path, split: str) -> None:
+    """The merged files of a split, from its chunks (any merged files left by a crash before
+    the store was completed are replaced); each written whole and renamed into place."""
+    for path in merged_index_paths(folder, split):
+        path.unlink(missing_ok=True)
     merged = StoreSplit(folder, split, [])
     if [d.name for d in merged._dirs] != [chunk_name(split, k) for k in range(len(merged._dirs))]:
         return  # chunks not numbered 0..n-1: the split keeps being read chunk by chunk
-    index_path, starts_path = merged_index_paths(folder, split)
-    np.save(index_path, merged.index)
-    np.save(starts_path, merged.chunk_starts)
+    for path, array_ in zip(merged_index_paths(folder, split), (merged.index, merged.chunk_starts), strict=True):
+        tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
+        np.save(tmp, array_)
+        os.replace(tmp, path)
 
 
 class StoreSplit:
@@ -160,9 +166,14 @@ class StoreSplit:
         self.datasets = datasets
         folder = Path(folder)
         index_path, starts_path = merged_index_paths(folder, split)
+        dirs: list[Path] | None = None
         if index_path.exists() and starts_path.exists():  # a completed store
             self.index, self.chunk_starts = np.load(index_path), np.load(starts_path)
-            self._dirs = [folder / "chunks" / chunk_name(split, k) for k in range(len(self.chunk_starts) - 1)]
+            dirs = [folder / "chunks" / chunk_name(split, k) for k in range(len(self.chunk_starts) - 1)]
+            if not all(d.is_dir() for d in dirs):
+                dirs = None  # a chunk gone: read what is there, and let the counts tell
+        if dirs is not None:
+            self._dirs = dirs
         else:
             self._dirs = _chunk_dirs(folder, split)
             indexes = [np.load(d / "index.npy") for d in self._dirs]
