@@ -145,15 +145,34 @@ def merged_index_paths(folder: Path, split: str) -> tuple[Path, Path]:
     return folder / f"{split}_index.npy", folder / f"{split}_chunk_starts.npy"
 
 
+def _index_of_chunks(dirs: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(index records, chunk starts) of the given chunk folders, read from each one's index.npy."""
+    indexes = [np.load(d / "index.npy") for d in dirs]
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in indexes])]).astype(np.int64)
+    return (np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)), starts
+
+
+def _merged_index(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[Path]] | None:
+    """(index records, chunk starts, chunk folders) from the merged files; None where they are
+    absent or a chunk folder they count is gone (then the chunks are read, and the counts tell)."""
+    index_path, starts_path = merged_index_paths(folder, split)
+    if not (index_path.exists() and starts_path.exists()):
+        return None
+    starts = np.load(starts_path)
+    dirs = [folder / "chunks" / chunk_name(split, k) for k in range(len(starts) - 1)]
+    return (np.load(index_path), starts, dirs) if all(d.is_dir() for d in dirs) else None
+
+
 def write_merged_index(folder: Path, split: str) -> None:
-    """The merged files of a split, from its chunks (any merged files left by a crash before
-    the store was completed are replaced); each written whole and renamed into place."""
-    for path in merged_index_paths(folder, split):
-        path.unlink(missing_ok=True)
-    merged = StoreSplit(folder, split, [])
-    if [d.name for d in merged._dirs] != [chunk_name(split, k) for k in range(len(merged._dirs))]:
-        return  # chunks not numbered 0..n-1: the split keeps being read chunk by chunk
-    for path, array_ in zip(merged_index_paths(folder, split), (merged.index, merged.chunk_starts), strict=True):
+    """The merged files of a split, from its chunks, each written whole and renamed into place
+    (replacing any a crash left before the store was completed)."""
+    dirs = _chunk_dirs(folder, split)
+    paths = merged_index_paths(folder, split)
+    if [d.name for d in dirs] != [chunk_name(split, k) for k in range(len(dirs))]:
+        for path in paths:  # chunks not numbered 0..n-1: the split is read chunk by chunk
+            path.unlink(missing_ok=True)
+        return
+    for path, array_ in zip(paths, _index_of_chunks(dirs), strict=True):
         tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
         np.save(tmp, array_)
         os.replace(tmp, path)
@@ -165,21 +184,12 @@ class StoreSplit:
     def __init__(self, folder: Path, split: str, datasets: list[str]) -> None:
         self.datasets = datasets
         folder = Path(folder)
-        index_path, starts_path = merged_index_paths(folder, split)
-        dirs: list[Path] | None = None
-        if index_path.exists() and starts_path.exists():  # a completed store
-            self.index, self.chunk_starts = np.load(index_path), np.load(starts_path)
-            dirs = [folder / "chunks" / chunk_name(split, k) for k in range(len(self.chunk_starts) - 1)]
-            if not all(d.is_dir() for d in dirs):
-                dirs = None  # a chunk gone: read what is there, and let the counts tell
-        if dirs is not None:
-            self._dirs = dirs
+        merged = _merged_index(folder, split)
+        if merged is not None:
+            self.index, self.chunk_starts, self._dirs = merged
         else:
             self._dirs = _chunk_dirs(folder, split)
-            indexes = [np.load(d / "index.npy") for d in self._dirs]
-            counts = np.array([len(x) for x in indexes], dtype=np.int64)
-            self.chunk_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            self.index = np.concatenate(indexes) if indexes else np.zeros(0, dtype=INDEX_DTYPE)
+            self.index, self.chunk_starts = _index_of_chunks(self._dirs)
         # Token files are mapped when a chunk is first read (opening a store maps none of them).
         self._ids: list[np.ndarray | None] = [None] * len(self._dirs)
         self._trained: list[np.ndarray | None] = [None] * len(self._dirs)
