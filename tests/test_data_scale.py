@@ -186,6 +186,19 @@ def test_pool_workers_write_the_store_one_process_writes(tokenizer, repo_data, c
     assert store_files(two.path) == store_files(one.path)
 
 
+def test_pool_workers_leave_the_objects_they_inherit_out_of_their_garbage_collections():
+    import gc
+
+    pool = chunks._start_pool(SimpleNamespace(), 1)  # the workers' start stores the state as given
+    try:
+        frozen_in_worker = pool.apply(gc.get_freeze_count)
+    finally:
+        pool.terminate()
+        pool.join()
+    assert frozen_in_worker > 10_000  # pytest, numpy, torch, the tokenizer's modules
+    assert gc.get_freeze_count() == 0  # the main process goes on: nothing of it is frozen
+
+
 def test_bad_rows_are_reported_by_file_and_row_from_every_chunk(tokenizer, tmp_path, cache_home, small_chunks):
     folder = tmp_path / "data"
     folder.mkdir()
