@@ -343,7 +343,7 @@ def _worker_start(state: WorkerState) -> None:
     import signal
 
     # The objects inherited from the main process (torch, transformers: some 350,000) are never
-    # garbage here: frozen, the worker's garbage collections no longer walk them, which was 5-17%
+    # garbage here: frozen, the worker's garbage collections no longer walk them, which was 4-17%
     # of a worker's CPU time (bench/RESULTS.md), nor write to their pages (which fork shares).
     gc.freeze()
     _limit_threads()
