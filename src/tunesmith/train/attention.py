@@ -14,6 +14,7 @@ Any batch without boundaries (padded batches, eval, generation) goes to transfor
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.cpu import ROW_MULTIPLE, plan_in_use
@@ -46,13 +47,15 @@ def _causal_attention_function() -> type:
 
         torch's CPU flash kernel computes bf16 attention no faster than fp32 (bench/RESULTS.md);
         here the four products per pass run in bf16 (on the AMX units where there are some),
-        grouped by key/value head (grouped-query attention without repeating k and v), while the
-        softmax and its gradient are formed in fp32. Queries go QUERY_BLOCK at a time against the
-        keys up to the block's end: the cast, mask and softmax pass over a block's smaller
-        scores instead of the whole sample's (3-6x faster at 400-1024 tokens, bench/RESULTS.md),
-        and the keys past the block, all masked, are never multiplied. Each query row still sees
-        all of its keys at once, so the softmax is exact. Kept for backward: the scaled q, k, v
-        and each block's bf16 probabilities (53-68% of a whole sample's at 320-2048 tokens).
+        grouped by key/value head (grouped-query attention without repeating k and v). The
+        softmax and its gradient take the bf16 scores as they are: torch's CPU kernels compute
+        them in fp32 and round once, so no fp32 copy of the scores is made and cast back.
+        Queries go QUERY_BLOCK at a time against the keys up to the block's end: the mask and
+        softmax pass over a block's smaller scores instead of the whole sample's (3-6x faster at
+        400-1024 tokens, bench/RESULTS.md), the keys past the block, all masked, are never
+        multiplied, and only the block's own keys (its diagonal square) need masking. Each query
+        row still sees all of its keys at once, so the softmax is exact. Kept for backward: the
+        scaled q, k, v and each block's probabilities (53-68% of a whole sample's at 320-2048 tokens).
         """
 
         @staticmethod
@@ -65,10 +68,10 @@ def _causal_attention_function() -> type:
             out = torch.empty_like(q)
             probs = []
             for start, end in _query_blocks(length):
-                scores = (_block_rows(q, start, end) @ key[0, :, :end].transpose(-1, -2)).float()
-                future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu_(start + 1)
-                scores.view(groups, per_group, end - start, end).masked_fill_(future, float("-inf"))
-                probs.append(torch.softmax(scores, dim=-1).to(query.dtype))
+                scores = _block_rows(q, start, end) @ key[0, :, :end].transpose(-1, -2)
+                own_keys = scores.view(groups, per_group, end - start, end)[..., start:]
+                own_keys.masked_fill_(_future_mask(end - start, query.device), float("-inf"))
+                probs.append(torch.softmax(scores, dim=-1))
                 out[:, :, start:end] = (probs[-1] @ value[0, :, :end]).view(groups, per_group, end - start, dim)
             ctx.save_for_backward(q, key, value, *probs)
             ctx.scaling = scaling
@@ -86,9 +89,8 @@ def _causal_attention_function() -> type:
             for (start, end), block_probs in zip(_query_blocks(length), probs, strict=True):
                 rows, block_grad = _block_rows(q, start, end), _block_rows(g, start, end)
                 grad_value[:, :end] += block_probs.transpose(-1, -2) @ block_grad
-                grad_probs = (block_grad @ value[0, :, :end].transpose(-1, -2)).float()
-                grad_scores = torch._softmax_backward_data(grad_probs, block_probs.float(), -1,
-                                                           torch.float32).to(q.dtype)
+                grad_probs = block_grad @ value[0, :, :end].transpose(-1, -2)
+                grad_scores = torch._softmax_backward_data(grad_probs, block_probs, -1, block_probs.dtype)
                 grad_query[:, :, start:end] = ((grad_scores @ key[0, :, :end]) * ctx.scaling).view(
                     groups, per_group, end - start, dim)
                 grad_key[:, :end] += grad_scores.transpose(-1, -2) @ rows  # rows carry the scaling already
@@ -99,6 +101,14 @@ def _causal_attention_function() -> type:
 
 
 _CAUSAL_MATMUL: type | None = None
+
+
+@functools.cache
+def _future_mask(size: int, device: torch.device) -> torch.Tensor:
+    """True where a key lies after its query, within a block's own (size x size) keys."""
+    import torch
+
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
 
 
 def _query_blocks(length: int) -> list[tuple[int, int]]:
