@@ -14,7 +14,6 @@ Any batch without boundaries (padded batches, eval, generation) goes to transfor
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.cpu import ROW_MULTIPLE, plan_in_use
@@ -32,9 +31,10 @@ HOST_BOUNDS = "cu_seq_lens_host"
 # Where each token of a varlen row goes in a (samples x longest sample) batch, built once per batch on
 # the device (sample_slots); its presence selects the one-call path in varlen_sdpa_attention.
 SAMPLE_SLOTS = "varlen_sample_slots"
-# Query rows per block of CausalMatmulAttention: a block's fp32 scores are 9 heads x 128 rows x the
-# keys up to the block's end for the default model (2.4 MB at 512 tokens, where a whole sample's are
-# 9.4 MB); 64 and 256 were slower at 1024 tokens and no better at 400-512 (bench/RESULTS.md).
+# Query rows per block of CausalMatmulAttention: a block's bf16 scores are 9 heads x 128 rows x the
+# keys up to the block's end for the default model (1.2 MB at 512 tokens, where a whole sample's are
+# 4.7 MB). Chosen when the scores were cast to fp32: 64 and 256 were slower at 1024 tokens and no
+# better at 400-512 (bench/RESULTS.md).
 QUERY_BLOCK = 4 * ROW_MULTIPLE
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -103,9 +103,9 @@ def _causal_attention_function() -> type:
 _CAUSAL_MATMUL: type | None = None
 
 
-@functools.cache
 def _future_mask(size: int, device: torch.device) -> torch.Tensor:
-    """True where a key lies after its query, within a block's own (size x size) keys."""
+    """True where a key lies after its query, within a block's own (size x size) keys. Built at each
+    call (a few microseconds): a cached tensor would outlive a tracing mode's fake tensors."""
     import torch
 
     return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
