@@ -197,3 +197,97 @@ def test_linear_product_with_bias_matches_autograd():
     for mine, ref in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
                          torch.autograd.grad(theirs, (x, weight, bias), grad), strict=True):
         assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5)
+
+
+def _bf16_norm(width: int = 96):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(width, eps=1e-6).to(torch.bfloat16)
+    norm.weight.requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+def test_a_frozen_bf16_norm_rounds_as_the_library_does_in_one_autograd_node():
+    from tunesmith.train.kernels import _rms_norm_forward
+
+    norm = _bf16_norm()
+    x0, grad = (torch.randn(4, 37, 96) * 3).to(torch.bfloat16), torch.randn(4, 37, 96).to(torch.bfloat16)
+
+    def output_and_grad(forward):
+        x = x0.clone().requires_grad_()
+        out = forward(x)
+        out.backward(grad)
+        return out, x.grad
+
+    (mine, mine_grad), (lib, lib_grad) = output_and_grad(lambda x: _rms_norm_forward(norm, x)), output_and_grad(norm)
+    assert type(mine.grad_fn).__name__ == "FrozenRMSNormRoundedBackward" and mine.dtype == torch.bfloat16
+    # Same rounding steps as the library: nearly every value bitwise equal, none further from fp64.
+    x = x0.double().requires_grad_()
+    ref = norm.weight.double() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref.backward(grad.double())
+    for ours, theirs, exact in ((mine, lib, ref), (mine_grad, lib_grad, x.grad)):
+        assert (ours == theirs).float().mean() > 0.999
+        assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() * 1.01
+
+
+def test_bf16_norms_of_a_bf16_base_get_their_training_forward(tiny_model_dir):
+    model = lora_model(tiny_model_dir, dtype=torch.bfloat16)
+    set_training_forwards(model, True)
+    try:
+        norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        assert norms and all("forward" in m.__dict__ for m in norms)
+        out = norms[0](torch.randn(1, 5, norms[0].weight.shape[0], dtype=torch.bfloat16, requires_grad=True))
+        assert type(out.grad_fn).__name__ == "FrozenRMSNormRoundedBackward"
+    finally:
+        set_training_forwards(model, False)
+
+
+def _offset_weight(self, hidden_states):  # Gemma: (1 + weight)
+    normed = hidden_states.float() * torch.rsqrt(hidden_states.float().pow(2).mean(-1, keepdim=True)
+                                                 + self.variance_epsilon)
+    return (normed * (1.0 + self.weight.float())).to(hidden_states.dtype)
+
+
+def _weight_in_fp32(self, hidden_states):  # Olmo2 and others: the weight's product before the cast
+    normed = hidden_states.float() * torch.rsqrt(hidden_states.float().pow(2).mean(-1, keepdim=True)
+                                                 + self.variance_epsilon)
+    return (self.weight.float() * normed).to(hidden_states.dtype)
+
+
+def _one_percent_more(self, hidden_states):
+    return type(self).__mro__[1].forward(self, hidden_states) * 1.01
+
+
+@pytest.mark.parametrize("formula", [_offset_weight, _weight_in_fp32, _one_percent_more])
+def test_a_bf16_norm_of_another_formula_keeps_its_own_forward(formula):
+    """A norm named like the library's whose bf16 output differs, by its formula or only by the
+    order it rounds in, fails the check and keeps its own forward."""
+    from torch import nn
+
+    norm = _bf16_norm(576)
+    other = type("OtherRMSNorm", (type(norm),), {"forward": formula})(576, eps=1e-6).to(torch.bfloat16)
+    other.load_state_dict(norm.state_dict())
+    other.weight.requires_grad_(False)
+    model = nn.Sequential(norm, other)
+    set_training_forwards(model, True)
+    assert "forward" in norm.__dict__ and "forward" not in other.__dict__
+    set_training_forwards(model, False)
+
+
+def test_a_frozen_bf16_norm_backward_keeps_fp32_under_autocast():
+    """A backward run inside autocast (a caller's own loop) gets the same gradient as outside it."""
+    from tunesmith.train.kernels import _functions
+
+    norm = _bf16_norm(576)
+    x0 = torch.randn(3, 40, 576).to(torch.bfloat16)
+    grad = (x0.float() * 0.5 + 0.1 * torch.randn(3, 40, 576)).to(torch.bfloat16)  # aligned with x
+    grads = []
+    for autocast in (False, True):
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _functions()["FrozenRMSNormRounded"].apply(x, norm.weight, norm.variance_epsilon).backward(grad)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
