@@ -172,6 +172,8 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool | None = None) -> t
 
 
 _FUNCTIONS: dict[str, type] = {}
+# The frozen RMSNorm's training forward for each dtype (by its name: torch is imported lazily).
+_NORM_FUNCTIONS = {"torch.float32": "FrozenRMSNorm", "torch.bfloat16": "FrozenRMSNormRounded"}
 
 
 def _functions() -> dict[str, type]:
@@ -294,16 +296,10 @@ def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_norm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    if self.weight.requires_grad or x.dtype != self.weight.dtype:
+    function = _NORM_FUNCTIONS.get(str(x.dtype))
+    if function is None or self.weight.requires_grad or x.dtype != self.weight.dtype:
         return type(self).forward(self, x)
-    if x.dtype == torch.float32:
-        return _functions()["FrozenRMSNorm"].apply(x, self.weight, self.variance_epsilon)
-    # bf16: measured on the CPU only (+4-8% a bf16 step there, bench/RESULTS.md)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return _functions()["FrozenRMSNormRounded"].apply(x, self.weight, self.variance_epsilon)
-    return type(self).forward(self, x)
+    return _functions()[function].apply(x, self.weight, self.variance_epsilon)
 
 
 def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -321,12 +317,15 @@ def _is_gated_silu_mlp(module: nn.Module) -> bool:
 
 
 def _is_frozen_rms_norm(module: nn.Module) -> bool:
+    """A frozen RMSNorm whose dtype has a training forward; a bf16 one only on the CPU, where it
+    was measured (+4-8% a bf16 step, bench/RESULTS.md)."""
     import torch
 
     weight = getattr(module, "weight", None)
     return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
             and isinstance(weight, torch.Tensor) and weight.ndim == 1 and not weight.requires_grad
-            and weight.dtype in (torch.float32, torch.bfloat16) and bool((weight != 0).all()))
+            and str(weight.dtype) in _NORM_FUNCTIONS and (weight.dtype == torch.float32 or weight.device.type == "cpu")
+            and bool((weight != 0).all()))
 
 
 def _same_as_original(module: nn.Module, forward: Any, width: int, dtype: torch.dtype | None = None) -> bool:
