@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunesmith"
 
 # Layer of each module (by dotted name under tunesmith; a package's modules share its entry).
 LAYERS: dict[str, int] = {
-    "errors": 0, "files": 0, "env": 0, "cpu": 0, "config": 0, "template": 0, "run_folder": 0, "__init__": 0,
+    "errors": 0, "files": 0, "env": 0, "cpu": 0, "config": 0, "template": 0, "template_shapes": 0,
+    "run_folder": 0, "__init__": 0,
     "data": 1,
     "model": 2,
     "loading": 3,

@@ -15,9 +15,12 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from tunesmith.template_shapes import ShapeMemo
 
 
 @dataclass
@@ -675,12 +678,11 @@ def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_gen
     messages = conv.messages if isinstance(conv, Conversation) else conv
     if isinstance(conv, Conversation) and tools is None:
         tools = conv.tools
-    where = f"{conv.source[0]} row {conv.source[1]}: " if isinstance(conv, Conversation) and conv.source[0] else ""
     if _uses_tools(messages, tools):
         try:
             messages, tools = normalize_tools(messages, tools, tool_support(tokenizer))
         except UserError as exc:
-            raise UserError(f"{where}{exc.args[0]}", hint=exc.hint) from None
+            raise UserError(f"{_row_of(conv)}{exc.args[0]}", hint=exc.hint) from None
     kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
     if tools:
         kwargs["tools"] = tools
@@ -690,7 +692,12 @@ def render(conv: Conversation | list[dict[str, Any]], tokenizer: Any, *, add_gen
             return _render_compiled(compiled, tokenizer, messages, add_generation_prompt)
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # jinja raise_exception() and template errors
-        raise UserError(f"{where}the chat template could not render this conversation: {exc}") from None
+        raise UserError(f"{_row_of(conv)}the chat template could not render this conversation: {exc}") from None
+
+
+def _row_of(conv: Conversation | list[dict[str, Any]]) -> str:
+    """'dataset row N: ' for a conversation from a dataset, to start an error message with."""
+    return f"{conv.source[0]} row {conv.source[1]}: " if isinstance(conv, Conversation) and conv.source[0] else ""
 
 
 # Conversations of plain {"role", "content"} string messages, as a probe of the plain render path.
@@ -700,12 +707,12 @@ _RENDER_PROBES = (
      {"role": "assistant", "content": "4"}, {"role": "user", "content": " und 3+3 ?\n"}],
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}],
 )
-# chat template text -> (its compiled Jinja template, the template's globals), or None
-_plain_templates: dict[str, Any] = {}
+# chat template text -> the template compiled, or None where it must go through apply_chat_template
+_plain_templates: dict[str, _Compiled | None] = {}
 
 
-def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
-    """The compiled chat template and its globals, for rendering plain messages without apply_chat_template's
+def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> _Compiled | None:
+    """The compiled chat template, for rendering plain messages without apply_chat_template's
     per-call conversions (a third of a training row's rendering time); None where those could
     matter: a message with other keys or non-string values, a template dict, or a template whose
     direct render differed from apply_chat_template's on the probes (checked once per template).
@@ -720,23 +727,55 @@ def _plain_renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Any:
     return _plain_templates[template]
 
 
-def _render_compiled(compiled: Any, tokenizer: Any, messages: list[dict[str, Any]], generation: bool) -> str:
-    """What compiled.render(...) returns, with the template's globals in the one dict the context
-    reads (Jinja would otherwise copy them into a new one at every call)."""
-    template, template_globals = compiled
-    variables = {**template_globals, **tokenizer.special_tokens_map, "messages": messages, "tools": None,
-                 "documents": None, "add_generation_prompt": generation}
-    return template.environment.concat(template.root_render_func(template.new_context(variables, shared=True)))
+@dataclass
+class _Compiled:
+    """A chat template compiled once, with its globals and, where its output provably only pastes
+    the contents (template_shapes), its texts per conversation shape."""
+
+    template: Any
+    globals: dict[str, Any]  # copied out of the template's ChainMap, slow to copy at each call
+    shapes: ShapeMemo | None = None
+    # The last special-token map seen and its text: the store's tokenizer hands out one fixed map
+    # (the library builds a new one at every call, which then never matches).
+    last_specials: tuple[dict[str, Any], str] | None = None
+
+    def variant(self, specials: dict[str, Any]) -> str:
+        """What else the render reads besides the messages, as a key for its shapes."""
+        last = self.last_specials
+        if last is not None and last[0] is specials:
+            return last[1]
+        self.last_specials = (specials, repr(specials))  # held, so its id cannot be reused
+        return self.last_specials[1]
 
 
-def _checked_compile(tokenizer: Any, template: str) -> Any:
+def _render_compiled(compiled: _Compiled, tokenizer: Any, messages: list[dict[str, Any]], generation: bool) -> str:
+    specials = tokenizer.special_tokens_map
+
+    def direct(chat: list[dict[str, Any]], prompt: bool) -> str:
+        """What template.render(...) returns, with the template's globals in the one dict the
+        context reads (Jinja would otherwise copy them into a new one at every call)."""
+        variables = {**compiled.globals, **specials, "messages": chat, "tools": None, "documents": None,
+                     "add_generation_prompt": prompt}
+        template = compiled.template
+        return template.environment.concat(template.root_render_func(template.new_context(variables, shared=True)))
+
+    if compiled.shapes is None:
+        return direct(messages, generation)
+    return compiled.shapes.render(messages, generation, compiled.variant(specials), direct)
+
+
+def _checked_compile(tokenizer: Any, template: str) -> _Compiled | None:
+    from tunesmith.template_shapes import ShapeMemo, contents_pasted_only
+
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         template_object = _compile_jinja_template(template)
-        compiled = (template_object, dict(template_object.globals))  # a ChainMap: slow to copy at each call
     except Exception:  # a private helper that moved: the library's path
         return None
+    compiled = _Compiled(template_object, dict(template_object.globals))
+    if contents_pasted_only(template, template_object.environment):
+        compiled.shapes = ShapeMemo()
     compared = 0
     for probe in _RENDER_PROBES:
         for generation in (False, True):

@@ -1,0 +1,133 @@
+"""Rendering once per conversation shape: which templates qualify, and that the text is the
+template's own for any contents, roles and tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+from transformers.utils.chat_template_utils import _compile_jinja_template
+
+from tunesmith.errors import UserError
+from tunesmith.template import TEMPLATES, _plain_renderer, apply_template, render
+from tunesmith.template_shapes import ShapeMemo, contents_pasted_only
+from tunesmith import template_shapes
+
+# Contents a shortcut could get wrong: template syntax, the template's own markers, the
+# placeholder characters themselves, quotes, blank and surrounding whitespace, other scripts.
+HOSTILE = ["", " ", "\n", "{{ messages }}", "{% if x %}", "<|im_end|>\n<|im_start|>user\n", "\ue000", "\ue0001\ue001",
+           "\ue0000\ue001", "it's \"quoted\"", "  padded  ", "数字 42 🙂", "\\n", "0", "\t\ttabs\t"]
+PASTING = ["chatml", "phi4", "alpaca", "vicuna", "default", "empty"]
+
+
+def pasting_only(source: str) -> bool:
+    return contents_pasted_only(source, _compile_jinja_template(source).environment)
+
+
+def random_chat(rng: random.Random) -> list[dict[str, str]]:
+    turns = rng.randint(1, 4)
+    messages = [{"role": "system", "content": rng.choice(HOSTILE)}] if rng.random() < 0.4 else []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": rng.choice(HOSTILE) + rng.choice(HOSTILE)})
+        messages.append({"role": "assistant", "content": rng.choice(HOSTILE) + rng.choice(HOSTILE)})
+    return messages[: rng.randint(1, len(messages))]
+
+
+def test_templates_that_paste_contents_qualify(tokenizer):
+    for name in PASTING:
+        assert pasting_only(TEMPLATES[name].jinja), name
+    assert pasting_only(tokenizer.chat_template)  # the default model's own template
+    # Contents inspected, trimmed or split: qwen's tool calls, llama3's trim, mistral's system join.
+    for name in ("qwen", "qwen3", "llama3", "llama2", "mistral", "gemma", "glm4", "deepseek3", "phi3"):
+        assert not pasting_only(TEMPLATES[name].jinja), name
+
+
+@pytest.mark.parametrize("source", [
+    "{% for m in messages %}{{ m.content | trim }}{% endfor %}",
+    "{% for m in messages %}{% if '</think>' in m.content %}T{% endif %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}",
+    "{% for m in messages %}{{ m }}{% endfor %}",
+    "{{ messages | tojson }}",
+    "{{ messages | map(attribute='content') | join('\\n') }}",
+    "{% for m in messages %}{{ m.get('content') }}{% endfor %}",
+    "{% for m in messages %}{% for k, v in m.items() %}{{ v }}{% endfor %}{% endfor %}",
+    "{% for m in messages %}{% filter upper %}{{ m.content }}{% endfilter %}{% endfor %}",
+    "{% for m in messages %}{% set x %}{{ m.content }}{% endset %}{{ x | trim }}{% endfor %}",
+    "{{ strftime_now('%Y') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ (m.role ~ m.content) | upper }}{% endfor %}",
+    "{% for m in messages %}{{ m.content if m.content else 'empty' }}{% endfor %}",
+    "{% for m in messages %}{{ m.content }}{% if loop.nextitem %}{{ loop.nextitem }}{% endif %}{% endfor %}",
+    "{% macro show(x) %}{{ x.content }}{% endmacro %}{% for m in messages %}{{ show(m) }}{% endfor %}",
+    "{{ messages[0]['content'][:3] }}",
+    "{% for m in messages %}{% if m.content | length > 3 %}long{% endif %}{{ m.content }}{% endfor %}",
+    "{% set ns = namespace(all=messages) %}{{ ns.all }}",
+    "{% set turns = messages %}{{ turns }}",
+    "{{ [1, 2] | random }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.content == 'a' }}{% endfor %}",
+    "{% for m in messages %}{% set m = m.role %}{{ m }}{% endfor %}",
+    "{% for m in messages %}{{ m[m.role] }}{% endfor %}",
+    "{% autoescape true %}{% for m in messages %}{{ m.content }}{% endfor %}{% endautoescape %}",
+    "{% for m in messages %}{{ m.content }}{{ messages.index(m) }}{% endfor %}",
+    "{% for m in messages if m.content %}{{ m.content }}{% endfor %}",
+])
+def test_templates_that_look_at_contents_are_rendered_by_the_template(tokenizer, source):
+    """Each of these could print a content other than verbatim, or choose branches by it."""
+    assert not pasting_only(source)
+
+
+@pytest.mark.parametrize("name", ["auto", *PASTING])
+def test_shapes_render_exactly_what_the_template_renders(tokenizer, name):
+    tok = copy.deepcopy(tokenizer)
+    if name != "auto":
+        apply_template(tok, name)
+    rng = random.Random(name)
+    for _ in range(300):
+        messages = random_chat(rng)
+        for generation in (False, True):
+            try:
+                want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            except Exception:
+                with pytest.raises(UserError):
+                    render(messages, tok, add_generation_prompt=generation)
+                continue
+            assert render(messages, tok, add_generation_prompt=generation) == want, (name, messages, generation)
+    memo = _plain_renderer(tok, [{"role": "user", "content": "x"}]).shapes
+    assert memo is not None and memo.enabled and len(memo._shapes) > 10  # the shortcut did the work
+
+
+def test_tokenizers_sharing_a_template_never_share_a_shape(tokenizer):
+    """The default template writes the eos token: one template text, two different renders."""
+    first, second = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+    apply_template(first, "default")
+    apply_template(second, "default")
+    second.eos_token = "<|endoftext|>"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for tok in (first, second, first):
+        assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
+    assert render(chat, first) != render(chat, second)
+
+
+def test_a_content_dependent_render_turns_the_memo_off():
+    """The runtime check behind the syntax check: a shape's first text must be the template's."""
+    def shouting(messages, generation):
+        return "".join(f"<{m['role']}>{m['content'].upper()}" for m in messages)
+
+    memo = ShapeMemo()
+    chat = [{"role": "user", "content": "hi"}]
+    assert memo.render(chat, False, "", shouting) == "<user>HI"
+    assert not memo.enabled and not memo._shapes
+    assert memo.render([{"role": "user", "content": "yo"}], False, "", shouting) == "<user>YO"
+
+
+def test_the_memo_is_bounded(monkeypatch):
+    monkeypatch.setattr(template_shapes, "MAX_SHAPES", 2)
+
+    def plain(messages, generation):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<go>" if generation else "")
+
+    memo = ShapeMemo()
+    for roles in (["user"], ["user", "assistant"], ["system", "user"], ["user"]):
+        chat = [{"role": role, "content": f"{role} text"} for role in roles]
+        assert memo.render(chat, True, "", plain) == plain(chat, True)
+    assert len(memo._shapes) == 2 and memo.enabled
