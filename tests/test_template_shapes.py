@@ -9,10 +9,10 @@ import random
 import pytest
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
+from tunesmith import template_shapes
 from tunesmith.errors import UserError
 from tunesmith.template import TEMPLATES, _plain_renderer, apply_template, render
 from tunesmith.template_shapes import ShapeMemo, contents_pasted_only
-from tunesmith import template_shapes
 
 # Contents a shortcut could get wrong: template syntax, the template's own markers, the
 # placeholder characters themselves, quotes, blank and surrounding whitespace, other scripts.
@@ -70,8 +70,39 @@ def test_templates_that_paste_contents_qualify(tokenizer):
     "{% autoescape true %}{% for m in messages %}{{ m.content }}{% endfor %}{% endautoescape %}",
     "{% for m in messages %}{{ m.content }}{{ messages.index(m) }}{% endfor %}",
     "{% for m in messages if m.content %}{{ m.content }}{% endfor %}",
+    # `+` with a Markup string escapes the other side.
+    "{% for m in messages %}{{ '' | safe + m.content }}{% endfor %}",
+    "{% for m in messages %}{{ ('<b>' | e) + m.content }}{% endfor %}",
+    # A block's output read back through `self`.
+    "{% block b %}{% for m in messages %}{{ m.content }}{% endfor %}{% endblock %}{% if 'x' in self.b() %}X{% endif %}",
+    # A message's methods through a subscript (Jinja falls back to attributes), kept in a namespace.
+    "{% for m in messages %}{% set ns = namespace(g=m['get']) %}{{ m.content }}"
+    "{% if 'x' in ns.g('con' ~ 'tent') %}X{% endif %}{% endfor %}",
+    "{% for m in messages %}{% set ns = namespace(c=m['copy']) %}{{ m.content }}{{ ns.c() | string }}{% endfor %}",
+    # The loop object hands out messages when iterated or subscripted.
+    "{% for m in messages %}{{ m.content }}{% for x in loop %}{{ x[0] | string }}{% endfor %}{% endfor %}",
+    "{% for m in messages %}{{ m.content }}{% if loop['nextitem'] %}{{ loop['nextitem'] | string }}{% endif %}"
+    "{% endfor %}",
+    # Names the rules rely on, bound again.
+    "{% for m in messages %}{{ m.content }}{% endfor %}{% set messages = messages[-1] %}"
+    "{% if 'x' in messages['con' ~ 'tent'] %}X{% endif %}",
+    "{% for messages in messages %}{{ messages.content }}{% if messages['con' ~ 'tent'] %}X{% endif %}{% endfor %}",
+    "{% set raise_exception = strftime_now %}{{ raise_exception('%H') }}{% for m in messages %}{{ m.content }}"
+    "{% endfor %}",
+    "{% set eos_token = '' | safe %}{% for m in messages %}{{ eos_token + m.content }}{% endfor %}",
+    # A clock or a random draw kept out of sight of the name checks.
+    "{% set ns = namespace(f=strftime_now) %}{{ ns.f('%H') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{{ [range(9)] | map('random') | first }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    # Tests with arguments compare whole messages.
+    "{% for m in messages %}{{ m.content }}{% if m is in([{'role': 'user', ('con' ~ 'tent'): 'hi'}]) %}X{% endif %}"
+    "{% endfor %}",
+    "{% for m in messages %}{{ m.content }}{% if m is eq({'role': 'user', ('con' ~ 'tent'): 'hi'}) %}X{% endif %}"
+    "{% endfor %}",
+    # A test that reads a message's text (str(m).islower()), and a subscript by a computed index.
+    "{% for m in messages %}{{ m.content }}{% if m is lower %}X{% endif %}{% endfor %}",
+    "{% for m in messages %}{{ messages[loop.index0].content }}{% endfor %}",
 ])
-def test_templates_that_look_at_contents_are_rendered_by_the_template(tokenizer, source):
+def test_templates_that_look_at_contents_are_rendered_by_the_template(source):
     """Each of these could print a content other than verbatim, or choose branches by it."""
     assert not pasting_only(source)
 
@@ -106,6 +137,29 @@ def test_tokenizers_sharing_a_template_never_share_a_shape(tokenizer):
     for tok in (first, second, first):
         assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
     assert render(chat, first) != render(chat, second)
+
+
+def test_a_template_writing_placeholder_text_itself_is_rendered_by_it(tokenizer):
+    """The memo's own markers in a template's fixed text cannot be told from a content slot."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if messages | length == 3 %}\ue0007\ue001{% endif %}"
+                         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    for _ in range(2):
+        assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
+    assert not _plain_renderer(tok, chat).shapes.enabled
+
+
+def test_special_tokens_changed_in_place_are_seen(tokenizer):
+    from tunesmith.data.chunks import DirectTokenizer
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+    direct = DirectTokenizer(tok)
+    chat = [{"role": "user", "content": "a"}]
+    assert render(chat, direct) == "<user>a<|im_end|>"
+    direct.special_tokens_map["eos_token"] = "<EOS2>"  # the one map the store's tokenizer hands out
+    assert render(chat, direct) == "<user>a<EOS2>"
 
 
 def test_a_content_dependent_render_turns_the_memo_off():

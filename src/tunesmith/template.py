@@ -11,6 +11,7 @@ rewritten into text it can print (see `normalize_tools`), identically in trainin
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -735,17 +736,18 @@ class _Compiled:
     template: Any
     globals: dict[str, Any]  # copied out of the template's ChainMap, slow to copy at each call
     shapes: ShapeMemo | None = None
-    # The last special-token map seen and its text: the store's tokenizer hands out one fixed map
-    # (the library builds a new one at every call, which then never matches).
+    # The last special-token map seen (a copy) and its text: the store's tokenizer hands out the
+    # same map at every call, and comparing it costs less than writing it out again.
     last_specials: tuple[dict[str, Any], str] | None = None
 
     def variant(self, specials: dict[str, Any]) -> str:
         """What else the render reads besides the messages, as a key for its shapes."""
         last = self.last_specials
-        if last is not None and last[0] is specials:
+        if last is not None and last[0] == specials:
             return last[1]
-        self.last_specials = (specials, repr(specials))  # held, so its id cannot be reused
-        return self.last_specials[1]
+        text = repr(specials)
+        self.last_specials = (copy.deepcopy(specials), text)
+        return text
 
 
 def _render_compiled(compiled: _Compiled, tokenizer: Any, messages: list[dict[str, Any]], generation: bool) -> str:

@@ -2,26 +2,33 @@
 
 Most chat templates only paste each message's content between fixed markers chosen by the
 roles. For such a template the text of a plain role/content conversation is a function of its
-shape (the roles in order, and whether a generation prompt follows) with the contents put in at
-fixed places. `ShapeMemo` renders each shape once with placeholder contents and then builds
-every conversation of that shape by joining strings, which is what a tokenization of millions
-of rows spends a seventh of its time on otherwise (bench/RESULTS.md).
+shape (the roles in order, whether a generation prompt follows, the tokenizer's special tokens)
+with the contents put in at fixed places. `ShapeMemo` renders each shape once with placeholder
+contents and then builds every conversation of that shape by joining strings: a render drops
+from about 12.6 to 4.5 us, where the store's tokenizing workers spent 14% of a row rendering
+(bench/RESULTS.md).
 
-`contents_pasted_only` decides from the template's syntax tree whether that holds, and refuses
-whenever it cannot prove it:
+`contents_pasted_only` decides from the template's syntax tree whether that holds. Every rule
+is an allow-list, so what it does not know it refuses:
 
-- a content is read only as `x['content']` or `x.content`, and only as an operand of `+` or `~`
-  chains written straight to the output (no filter, test, comparison, method, `set` or branch
-  sees it, so no content can change which branches run or how it is printed);
-- the message list and each message are used only to read a key, iterate, index, slice, count
-  or test for truth, key membership or type (so no whole message reaches a filter or the
-  output, where its content would be printed or inspected);
-- no block filters or captures output, no other template is included, and the only functions
-  called by name are `raise_exception`, `namespace` and `range` (a clock or a random filter
-  would make the same shape render differently).
+- statements: output, `for` (not recursive), `if`, `set` of a name or a namespace attribute;
+  no blocks, macros, call or filter blocks, captures, includes or autoescape changes;
+- a content (`m['content']` or `m.content` of a message) goes only into the output, alone or
+  joined by `~`, or by `+` with string constants, roles, special-token names and other contents
+  (so no filter, test, comparison, method or branch sees it, and `+` never meets a Markup
+  string that would escape it);
+- the message list may be iterated, indexed or sliced by constants, counted (`length`,
+  `count`), its first or last taken, tested for truth or type, or given another name; a message
+  may give its `role` or `content`, be tested for truth or type, or be given another name;
+  nothing else (no whole message or list reaches a filter, a call or the output, where its
+  contents could be printed or inspected);
+- `loop` gives only its counters and first/last flags (not the neighbouring messages);
+- the only global functions are `raise_exception`, `namespace` and `range`, called by name
+  (no clock, no random), only allow-listed filters and tests run, and none of the names the
+  rules rely on is bound again.
 
-Every shape's first conversation is also rendered by the template itself and compared; a
-difference turns the memo off for that template.
+Every shape's first conversation is also rendered by the template and compared; a difference
+turns the memo off for that template.
 """
 
 from __future__ import annotations
@@ -38,11 +45,25 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 MAX_SHAPES = 4096  # beyond this many shapes (very long, varied chats) new shapes are rendered directly
 
-_ALLOWED_CALLS = {"raise_exception", "namespace", "range"}
-_IMPURE_FILTERS = {"random", "shuffle"}
-_REFUSED_NODES = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends, nodes.Macro, nodes.CallBlock,
-                  nodes.FilterBlock, nodes.AssignBlock, nodes.EvalContextModifier, nodes.ScopedEvalContextModifier)
-_DICT_METHODS = {"items", "values", "keys", "get", "copy", "pop", "popitem", "setdefault", "update", "clear"}
+_NODES = {nodes.Template, nodes.Output, nodes.TemplateData, nodes.For, nodes.If, nodes.Assign, nodes.Continue,
+          nodes.Break, nodes.Name, nodes.Const, nodes.Getitem, nodes.Getattr, nodes.Slice, nodes.Concat, nodes.Add,
+          nodes.Sub, nodes.Mul, nodes.Div, nodes.FloorDiv, nodes.Mod, nodes.Pow, nodes.Compare, nodes.Operand,
+          nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.CondExpr, nodes.Test, nodes.Filter, nodes.Call,
+          nodes.Keyword, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.NSRef}
+_CALLS = {"raise_exception", "namespace", "range"}
+_FILTERS = {"length", "count", "first", "last", "trim", "upper", "lower", "capitalize", "title", "string", "tojson",
+            "join", "default", "d", "replace", "int", "float", "list", "indent", "abs", "round", "reverse", "sort",
+            "unique", "min", "max", "sum", "items", "dictsort", "wordcount", "e", "escape", "safe"}
+_TESTS = {"defined", "undefined", "none", "string", "number", "integer", "float", "mapping", "iterable", "sequence",
+          "boolean", "true", "false", "odd", "even", "lower", "upper", "divisibleby", "eq", "ne", "lt", "le", "gt",
+          "ge", "in", "sameas", "equalto"}
+_TYPE_TESTS = {"defined", "undefined", "none", "string", "number", "mapping", "iterable", "sequence"}
+_SPECIAL_TOKENS = {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}
+_LOOP_ATTRS = {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"}
+_MESSAGE_KEYS = {"role", "content"}
+# Names the rules rely on: never bound again by the template.
+_PROTECTED = {"messages", "loop", "self", "caller", "varargs", "kwargs", "add_generation_prompt", "tools",
+              "documents"} | _SPECIAL_TOKENS
 _TRUTH_PARENTS = (nodes.Not, nodes.And, nodes.Or)
 Parents = dict[nodes.Node, tuple[nodes.Node | None, str]]  # node -> (its parent, the parent's field holding it)
 
@@ -56,13 +77,13 @@ def contents_pasted_only(source: str, environment: Any) -> bool:
     except Exception:
         return False
     parents = _parent_map(tree)
-    if any(isinstance(node, _REFUSED_NODES) for node in parents):
+    if any(type(node) not in _NODES for node in parents):
         return False
-    lists, messages = _message_names(tree)
-    for node, (parent, field) in parents.items():
-        if not _node_allowed(node, parent, field, parents, lists, messages):
-            return False
-    return True
+    kinds = _message_names(tree, set(environment.globals))
+    if kinds is None:
+        return False
+    check = _Check(parents, kinds, set(environment.globals) | {"self", "caller", "varargs", "kwargs"})
+    return all(check.allowed(node) for node in parents)
 
 
 def _children(node: nodes.Node) -> Iterator[tuple[str, nodes.Node]]:
@@ -84,105 +105,161 @@ def _parent_map(tree: nodes.Node) -> Parents:
     return parents
 
 
-def _message_names(tree: nodes.Node) -> tuple[set[str], set[str]]:
-    """(names bound to the message list or a slice of it, names bound to one message)."""
-    lists, messages = {"messages"}, set()
+def _message_names(tree: nodes.Node, global_names: set[str]) -> dict[str, str] | None:
+    """name -> 'list' (the message list or a slice of it) or 'message', for every name the
+    template binds to one; None when such a name is also bound to anything else, or when a
+    protected or global name is bound at all."""
+    bindings: list[tuple[str, nodes.Node, bool]] = []  # (name, value, bound as a for loop's single target)
+    for node in tree.find_all((nodes.Assign, nodes.For)):
+        if isinstance(node.target, nodes.NSRef):
+            continue  # a namespace attribute: a message or the list assigned to it is refused where used
+        value = node.node if isinstance(node, nodes.Assign) else node.iter
+        single = isinstance(node.target, nodes.Name)
+        for target in [node.target] if single else node.target.find_all(nodes.Name):
+            if target.name in _PROTECTED or target.name in global_names:
+                return None
+            bindings.append((target.name, value, isinstance(node, nodes.For) and single))
+
+    def kind_of(value: nodes.Node, looped: bool) -> str | None:
+        kind = _kind(value, kinds)
+        return ("message" if kind == "list" else None) if looped else kind
+
+    kinds: dict[str, str] = {"messages": "list"}
     changed = True
     while changed:  # aliases of aliases: `set turns = messages[1:]`, then `for m in turns`
         changed = False
-        for node in tree.find_all((nodes.Assign, nodes.For)):
-            source = node.node if isinstance(node, nodes.Assign) else node.iter
-            if not isinstance(node.target, nodes.Name):
-                continue
-            kind = _kind(source, lists, messages)
-            if isinstance(node, nodes.For) and kind == "list":
-                kind = "message"
-            target = lists if kind == "list" else messages if kind == "message" else None
-            if target is not None and node.target.name not in target:
-                target.add(node.target.name)
+        for name, value, looped in bindings:
+            kind = kind_of(value, looped)
+            if kind is not None and name not in kinds:
+                kinds[name] = kind
                 changed = True
-    return lists, messages
+    if any(name in kinds and kind_of(value, looped) != kinds[name] for name, value, looped in bindings):
+        return None
+    return kinds
 
 
-def _kind(expr: nodes.Node, lists: set[str], messages: set[str]) -> str | None:
-    """'list' for the message list or a slice of it, 'message' for one message, else None."""
+def _kind(expr: nodes.Node, kinds: dict[str, str]) -> str | None:
+    """'list' for the message list or a slice of it, 'message' for one message, 'index' for a
+    subscript of the list by anything but constants, else None."""
     if isinstance(expr, nodes.Name):
-        return "list" if expr.name in lists else "message" if expr.name in messages else None
-    if isinstance(expr, nodes.Getitem) and _kind(expr.node, lists, messages) == "list":
-        return "list" if isinstance(expr.arg, nodes.Slice) else "message"
+        return kinds.get(expr.name)
+    if isinstance(expr, nodes.Getitem) and _kind(expr.node, kinds) == "list":
+        if isinstance(expr.arg, nodes.Slice):
+            bounds = (expr.arg.start, expr.arg.stop, expr.arg.step)
+            return "list" if all(b is None or _constant_int(b) for b in bounds) else "index"
+        return "message" if _constant_int(expr.arg) else "index"
     if isinstance(expr, nodes.Filter) and expr.name in ("first", "last") and expr.node is not None \
-            and _kind(expr.node, lists, messages) == "list":
+            and _kind(expr.node, kinds) == "list":
         return "message"
     return None
 
 
-def _is_content_read(node: nodes.Node) -> bool:
+def _constant_int(expr: nodes.Node) -> bool:
+    if isinstance(expr, nodes.Neg):
+        expr = expr.node
+    return isinstance(expr, nodes.Const) and type(expr.value) is int
+
+
+def _key(node: nodes.Node) -> str | None:
+    """The constant key a subscript or attribute reads, if any."""
     if isinstance(node, nodes.Getattr):
-        return node.attr == "content"
-    return isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == "content"
+        return node.attr
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+        return node.arg.value
+    return None
 
 
-def _node_allowed(node: nodes.Node, parent: nodes.Node | None, field: str,
-                  parents: Parents, lists: set[str], messages: set[str]) -> bool:
-    if isinstance(node, nodes.Const) and node.value == "content":
-        # Only as the key of a content read (checked there); anywhere else ('content' in m,
-        # map(attribute='content'), m.get('content')) it reaches the content by another path.
-        return isinstance(parent, nodes.Getitem) and field == "arg"
-    if _is_content_read(node) and not _pasted_into_output(node, parents):
-        return False
-    if isinstance(node, nodes.Call):
-        return isinstance(node.node, nodes.Getattr) or (
-            isinstance(node.node, nodes.Name) and node.node.name in _ALLOWED_CALLS)
-    if isinstance(node, nodes.Filter | nodes.Test) and node.name in _IMPURE_FILTERS:
-        return False
-    if isinstance(node, nodes.Getattr) and node.attr in ("previtem", "nextitem"):
-        return False  # a loop's neighbouring message, outside the checks below
-    if isinstance(node, nodes.Name) and node.ctx == "store":
-        # Rebinding a message name to something else would hide it from the checks.
-        return node.name not in lists | messages or isinstance(parent, nodes.Assign | nodes.For)
-    kind = _kind(node, lists, messages)
-    if kind is None or parent is None:
+class _Check:
+    """The per-node rules of `contents_pasted_only`."""
+
+    def __init__(self, parents: Parents, kinds: dict[str, str], global_names: set[str]) -> None:
+        self.parents = parents
+        self.kinds = kinds
+        self.global_names = global_names
+
+    def allowed(self, node: nodes.Node) -> bool:
+        parent, field = self.parents[node]
+        if isinstance(node, nodes.Const) and node.value == "content":
+            # Only as the key of a content read (checked there); elsewhere ('content' in m,
+            # map(attribute='content')) it names the content to something that may inspect it.
+            return isinstance(parent, nodes.Getitem) and field == "arg"
+        if _key(node) == "content" and not self._pasted(node):
+            return False
+        if not self._known_operation(node, parent, field):
+            return False
+        if isinstance(node, nodes.Name) and node.ctx == "store":
+            return True  # every binding was checked by _message_names
+        kind = _kind(node, self.kinds)
+        if kind is None or parent is None:
+            return True
+        return kind != "index" and self._use_allowed(kind, parent, field)
+
+    def _known_operation(self, node: nodes.Node, parent: nodes.Node | None, field: str) -> bool:
+        """Filters, tests and calls from the allow-lists; loop counters; globals only called."""
+        if isinstance(node, nodes.Filter | nodes.Test | nodes.Call) and (node.dyn_args or node.dyn_kwargs):
+            return False
+        if isinstance(node, nodes.Filter):
+            return node.name in _FILTERS
+        if isinstance(node, nodes.Test):
+            return node.name in _TESTS
+        if isinstance(node, nodes.Call):
+            called = node.node
+            return isinstance(called, nodes.Getattr) or isinstance(called, nodes.Name) and called.name in _CALLS
+        if isinstance(node, nodes.For):
+            return not node.recursive
+        if isinstance(node, nodes.Name) and node.ctx == "load":
+            if node.name == "loop":
+                return isinstance(parent, nodes.Getattr) and field == "node" and parent.attr in _LOOP_ATTRS
+            if node.name in self.global_names:
+                return node.name in _CALLS and isinstance(parent, nodes.Call) and field == "node"
         return True
-    return _use_allowed(node, kind, parent, field, parents, lists, messages)
 
-
-def _use_allowed(node: nodes.Node, kind: str, parent: nodes.Node, field: str,
-                 parents: Parents, lists: set[str], messages: set[str]) -> bool:
-    """Where the message list or a message may appear: nowhere its contents could leak from."""
-    if _in_truth_test(parent, field, parents) or isinstance(parent, nodes.Test) and field == "node":
-        return True
-    if isinstance(parent, nodes.Getitem) and field == "node":
-        if kind == "list":
-            return True  # an index or a slice: a message or a list, checked where used
-        return isinstance(parent.arg, nodes.Const) and isinstance(parent.arg.value, str)
-    if isinstance(parent, nodes.Getattr) and field == "node":
-        return kind == "message" and parent.attr not in _DICT_METHODS
-    if kind == "list":
+    def _use_allowed(self, kind: str, parent: nodes.Node, field: str) -> bool:
+        """Where the message list or a message may appear: nowhere its contents could leak from."""
+        if self._truth_test(parent, field):
+            return True
+        if isinstance(parent, nodes.Test) and field == "node":
+            return parent.name in _TYPE_TESTS and not parent.args and not parent.kwargs
+        if isinstance(parent, nodes.Assign) and field == "node":
+            return isinstance(parent.target, nodes.Name)
+        if kind == "message":
+            return isinstance(parent, nodes.Getitem | nodes.Getattr) and field == "node" and \
+                _key(parent) in _MESSAGE_KEYS
+        if isinstance(parent, nodes.Getitem) and field == "node":
+            return True  # by constants, a message or a list (checked where used); else refused as 'index'
         if isinstance(parent, nodes.For) and field == "iter":
             return isinstance(parent.target, nodes.Name)
         if isinstance(parent, nodes.Filter) and field == "node":
             return parent.name in ("length", "count", "first", "last") and not parent.args and not parent.kwargs
-        if isinstance(parent, nodes.Assign) and field == "node":
-            return isinstance(parent.target, nodes.Name)
         return False
-    if isinstance(parent, nodes.Operand) and parent.op in ("in", "notin"):
-        return True  # a key test: the keys of a plain message are fixed
-    return isinstance(parent, nodes.Assign) and field == "node" and isinstance(parent.target, nodes.Name)
 
+    def _truth_test(self, parent: nodes.Node, field: str) -> bool:
+        """Whether only the truth of the value is used: an if's, a ternary's or a loop filter's
+        test, directly or through not/and/or."""
+        while isinstance(parent, _TRUTH_PARENTS):
+            parent, field = self.parents[parent]
+        return isinstance(parent, nodes.If | nodes.CondExpr | nodes.For) and field == "test"
 
-def _in_truth_test(parent: nodes.Node, field: str, parents: Parents) -> bool:
-    """Whether only the truth of `node` is used (an if, a ternary's test, through not/and/or)."""
-    while isinstance(parent, _TRUTH_PARENTS):
-        parent, field = parents[parent]
-    return isinstance(parent, nodes.If | nodes.CondExpr) and field == "test" or (
-        isinstance(parent, nodes.For) and field == "test")
+    def _pasted(self, node: nodes.Node) -> bool:
+        """A content read written to the output verbatim: through `~` and `+` of plain strings only."""
+        parent, field = self.parents[node]
+        while isinstance(parent, nodes.Add | nodes.Concat):
+            if isinstance(parent, nodes.Add) and not self._plain_string(parent):
+                return False
+            parent, field = self.parents[parent]
+        return isinstance(parent, nodes.Output) and field == "nodes"
 
-
-def _pasted_into_output(node: nodes.Node, parents: Parents) -> bool:
-    parent, field = parents[node]
-    while isinstance(parent, nodes.Add | nodes.Concat):
-        parent, field = parents[parent]
-    return isinstance(parent, nodes.Output) and field == "nodes"
+    def _plain_string(self, expr: nodes.Node) -> bool:
+        """An expression that is a plain str (never Markup, which `+` would make escape the other side)."""
+        if isinstance(expr, nodes.Add):
+            return self._plain_string(expr.left) and self._plain_string(expr.right)
+        if isinstance(expr, nodes.Const):
+            return type(expr.value) is str
+        if isinstance(expr, nodes.Name):
+            return expr.name in _SPECIAL_TOKENS
+        if isinstance(expr, nodes.Getitem | nodes.Getattr):
+            return _key(expr) in _MESSAGE_KEYS and _kind(expr.node, self.kinds) == "message"
+        return isinstance(expr, nodes.Concat)
 
 
 class ShapeMemo:
@@ -205,15 +282,16 @@ class ShapeMemo:
             return _join(pieces, messages)
         text = direct(messages, generation)  # raises where the template does
         if len(self._shapes) < MAX_SHAPES:
-            try:
+            try:  # a template that writes placeholder-like text itself fails here
                 pieces = _pieces(messages, generation, direct)
+                same = _join(pieces, messages) == text
             except Exception:
-                pieces = None
-            if pieces is None or _join(pieces, messages) != text:
+                same = False
+            if same:
+                self._shapes[key] = pieces
+            else:
                 self.enabled = False
                 self._shapes.clear()
-            else:
-                self._shapes[key] = pieces
         return text
 
 
