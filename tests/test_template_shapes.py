@@ -101,6 +101,9 @@ def test_templates_that_paste_contents_qualify(tokenizer):
     # A test that reads a message's text (str(m).islower()), and a subscript by a computed index.
     "{% for m in messages %}{{ m.content }}{% if m is lower %}X{% endif %}{% endfor %}",
     "{% for m in messages %}{{ messages[loop.index0].content }}{% endfor %}",
+    # An identity test tells equal role strings apart; a bare method prints its object's address.
+    "{% for m in messages %}{% if m.role is sameas('user') %}U{% endif %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m.role.upper }}{{ m.content }}{% endfor %}",
 ])
 def test_templates_that_look_at_contents_are_rendered_by_the_template(source):
     """Each of these could print a content other than verbatim, or choose branches by it."""
@@ -148,6 +151,33 @@ def test_a_template_writing_placeholder_text_itself_is_rendered_by_it(tokenizer)
     for _ in range(2):
         assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
     assert not _plain_renderer(tok, chat).shapes.enabled
+
+
+def test_a_generation_flag_that_is_not_a_bool_is_rendered_by_the_template(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ add_generation_prompt }}"
+    chat = [{"role": "user", "content": "a"}]
+    assert render(chat, tok, add_generation_prompt=True) == "aTrue"
+    assert render(chat, tok, add_generation_prompt=1) == tok.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=1) == "a1"
+
+
+def test_roles_holding_placeholder_text_do_not_turn_the_memo_off(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    odd = [{"role": "\ue0000\ue001", "content": "x"}]
+    assert render(odd, tok) == tok.apply_chat_template(odd, tokenize=False)
+    assert _plain_renderer(tok, odd).shapes.enabled
+
+
+def test_roles_are_compared_by_value(tokenizer):
+    """Roles read from files are new string objects, never the interned literals of the probes."""
+    import json
+
+    tok = copy.deepcopy(tokenizer)
+    apply_template(tok, "chatml")
+    chat = json.loads('[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]')
+    assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
 
 
 def test_special_tokens_changed_in_place_are_seen(tokenizer):

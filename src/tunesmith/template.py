@@ -738,14 +738,16 @@ class _Compiled:
     shapes: ShapeMemo | None = None
     # The last special-token map seen (a copy) and its text: the store's tokenizer hands out the
     # same map at every call, and comparing it costs less than writing it out again.
-    last_specials: tuple[dict[str, Any], str] | None = None
+    last_specials: tuple[dict[str, Any], str | None] | None = None
 
-    def variant(self, specials: dict[str, Any]) -> str:
-        """What else the render reads besides the messages, as a key for its shapes."""
+    def variant(self, specials: dict[str, Any]) -> str | None:
+        """What else the render reads besides the messages, as a key for its shapes; None when a
+        special token is not a plain str (the shape check relies on `+` meeting plain strings)."""
         last = self.last_specials
         if last is not None and last[0] == specials:
             return last[1]
-        text = repr(specials)
+        plain = all(type(v) is str or type(v) is list and all(type(t) is str for t in v) for v in specials.values())
+        text = repr(specials) if plain else None
         self.last_specials = (copy.deepcopy(specials), text)
         return text
 
@@ -761,9 +763,10 @@ def _render_compiled(compiled: _Compiled, tokenizer: Any, messages: list[dict[st
         template = compiled.template
         return template.environment.concat(template.root_render_func(template.new_context(variables, shared=True)))
 
-    if compiled.shapes is None:
+    variant = None if compiled.shapes is None else compiled.variant(specials)
+    if variant is None:
         return direct(messages, generation)
-    return compiled.shapes.render(messages, generation, compiled.variant(specials), direct)
+    return compiled.shapes.render(messages, generation, variant, direct)
 
 
 def _checked_compile(tokenizer: Any, template: str) -> _Compiled | None:

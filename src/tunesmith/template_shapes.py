@@ -2,8 +2,8 @@
 
 Most chat templates only paste each message's content between fixed markers chosen by the
 roles. For such a template the text of a plain role/content conversation is a function of its
-shape (the roles in order, whether a generation prompt follows, the tokenizer's special tokens)
-with the contents put in at fixed places. `ShapeMemo` renders each shape once with placeholder
+shape (the roles' values in order, whether a generation prompt follows, the tokenizer's special
+tokens) with the contents put in at fixed places. `ShapeMemo` renders each shape once with placeholder
 contents and then builds every conversation of that shape by joining strings: a render drops
 from about 12.6 to 4.5 us, where the store's tokenizing workers spent 14% of a row rendering
 (bench/RESULTS.md).
@@ -14,9 +14,9 @@ is an allow-list, so what it does not know it refuses:
 - statements: output, `for` (not recursive), `if`, `set` of a name or a namespace attribute;
   no blocks, macros, call or filter blocks, captures, includes or autoescape changes;
 - a content (`m['content']` or `m.content` of a message) goes only into the output, alone or
-  joined by `~`, or by `+` with string constants, roles, special-token names and other contents
-  (so no filter, test, comparison, method or branch sees it, and `+` never meets a Markup
-  string that would escape it);
+  joined by `~`, or by `+` with string constants, roles, special-token names, other contents and
+  `~` expressions (so no filter, test, comparison, method or branch sees it, and `+` never meets
+  a Markup string that would escape it);
 - the message list may be iterated, indexed or sliced by constants, counted (`length`,
   `count`), its first or last taken, tested for truth or type, or given another name; a message
   may give its `role` or `content`, be tested for truth or type, or be given another name;
@@ -24,8 +24,10 @@ is an allow-list, so what it does not know it refuses:
   contents could be printed or inspected);
 - `loop` gives only its counters and first/last flags (not the neighbouring messages);
 - the only global functions are `raise_exception`, `namespace` and `range`, called by name
-  (no clock, no random), only allow-listed filters and tests run, and none of the names the
-  rules rely on is bound again.
+  (no clock, no random), only allow-listed filters and tests run (no identity test, which would
+  tell two equal role strings apart), an attribute is read only from a message, `loop` or a
+  namespace or to call a method (a bare method would print its address), and none of the names
+  the rules rely on is bound again.
 
 Every shape's first conversation is also rendered by the template and compared; a difference
 turns the memo off for that template.
@@ -39,8 +41,8 @@ from typing import Any
 
 from jinja2 import nodes
 
-# Placeholder contents: private-use characters no template writes itself. A conversation whose
-# contents hold one is rendered by the template.
+# Placeholder contents: private-use characters. A conversation whose roles or contents hold one
+# is rendered by the template; a template that writes one itself fails its shapes' first check.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 MAX_SHAPES = 4096  # beyond this many shapes (very long, varied chats) new shapes are rendered directly
@@ -56,7 +58,7 @@ _FILTERS = {"length", "count", "first", "last", "trim", "upper", "lower", "capit
             "unique", "min", "max", "sum", "items", "dictsort", "wordcount", "e", "escape", "safe"}
 _TESTS = {"defined", "undefined", "none", "string", "number", "integer", "float", "mapping", "iterable", "sequence",
           "boolean", "true", "false", "odd", "even", "lower", "upper", "divisibleby", "eq", "ne", "lt", "le", "gt",
-          "ge", "in", "sameas", "equalto"}
+          "ge", "in", "equalto"}
 _TYPE_TESTS = {"defined", "undefined", "none", "string", "number", "mapping", "iterable", "sequence"}
 _SPECIAL_TOKENS = {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}
 _LOOP_ATTRS = {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"}
@@ -82,8 +84,21 @@ def contents_pasted_only(source: str, environment: Any) -> bool:
     kinds = _message_names(tree, set(environment.globals))
     if kinds is None:
         return False
-    check = _Check(parents, kinds, set(environment.globals) | {"self", "caller", "varargs", "kwargs"})
+    check = _Check(parents, kinds, set(environment.globals) | {"self", "caller", "varargs", "kwargs"},
+                   _namespace_names(tree))
     return all(check.allowed(node) for node in parents)
+
+
+def _namespace_names(tree: nodes.Node) -> set[str]:
+    """Names bound only ever to `namespace(...)`."""
+    made, other = set(), set()
+    for node in tree.find_all((nodes.Assign, nodes.For)):
+        value = node.node if isinstance(node, nodes.Assign) else None
+        is_namespace = isinstance(value, nodes.Call) and isinstance(value.node, nodes.Name) and \
+            value.node.name == "namespace"
+        for target in node.target.find_all(nodes.Name) if not isinstance(node.target, nodes.Name) else [node.target]:
+            (made if is_namespace else other).add(target.name)
+    return made - other
 
 
 def _children(node: nodes.Node) -> Iterator[tuple[str, nodes.Node]]:
@@ -172,10 +187,11 @@ def _key(node: nodes.Node) -> str | None:
 class _Check:
     """The per-node rules of `contents_pasted_only`."""
 
-    def __init__(self, parents: Parents, kinds: dict[str, str], global_names: set[str]) -> None:
+    def __init__(self, parents: Parents, kinds: dict[str, str], global_names: set[str], namespaces: set[str]) -> None:
         self.parents = parents
         self.kinds = kinds
         self.global_names = global_names
+        self.namespaces = namespaces
 
     def allowed(self, node: nodes.Node) -> bool:
         parent, field = self.parents[node]
@@ -207,6 +223,10 @@ class _Check:
             return isinstance(called, nodes.Getattr) or isinstance(called, nodes.Name) and called.name in _CALLS
         if isinstance(node, nodes.For):
             return not node.recursive
+        if isinstance(node, nodes.Getattr):  # a message's keys and loop's counters are checked where read
+            base = node.node
+            return isinstance(parent, nodes.Call) and field == "node" or _kind(base, self.kinds) == "message" or (
+                isinstance(base, nodes.Name) and (base.name == "loop" or base.name in self.namespaces))
         if isinstance(node, nodes.Name) and node.ctx == "load":
             if node.name == "loop":
                 return isinstance(parent, nodes.Getattr) and field == "node" and parent.attr in _LOOP_ATTRS
@@ -273,8 +293,10 @@ class ShapeMemo:
                direct: Callable[[list[dict[str, Any]], bool], str]) -> str:
         """The text of a plain conversation. `direct` renders with the template itself;
         `variant` names whatever else it reads (the tokenizer's special tokens), so that two
-        tokenizers never share a shape."""
-        if not self.enabled or any(_OPEN in m["content"] for m in messages):
+        tokenizers never share a shape. A generation flag that is not a bool (1, say) goes to the
+        template, which may tell it from True."""
+        if not self.enabled or type(generation) is not bool or any(
+                _OPEN in m["content"] or _OPEN in m["role"] for m in messages):
             return direct(messages, generation)
         key = (variant, generation, *[m["role"] for m in messages])
         pieces = self._shapes.get(key)
