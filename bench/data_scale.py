@@ -17,8 +17,10 @@ Scenarios (tunesmith): first run (empty cache); second run (the cache present); 
 restarted. Targets: first run at most 0.67x LLaMA-Factory's time at 200k and 1M rows; peak RSS
 at most LLaMA-Factory's and within 200 MiB from 20k to 1M rows; second run's first step within
 5 s at 1M rows; streaming's first step within 10 s at 1M rows, RSS within 200 MiB of the 20k
-run; the restarted tokenization at most 60% of a full run's time. Timings need a quiet machine;
-peak RSS does not depend on the load.
+run; the restarted tokenization at most 60% of a full run's time; the tokenizing workers at
+least 1.5x LLaMA-Factory's rows per CPU-second (each run's `worker_cpu_seconds`: its two largest
+are the tokenizing processes, LLaMA-Factory's `map` workers and tunesmith's pool). Timings need
+a quiet machine; peak RSS does not depend on the load.
 """
 
 from __future__ import annotations
@@ -75,10 +77,36 @@ def dataset_folder(data_file: Path, folder: Path) -> Path:
     return folder
 
 
+def process_cpu_seconds() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process, from /proc (Linux; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def descendants(root: int, table: dict[int, tuple[int, float]]) -> set[int]:
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (parent, _) in table.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree - {root}
+
+
 def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = None) -> dict:
     """Run cmd; wall seconds, peak RSS (GiB), CPU seconds (the command and its reaped workers; the
-    figure a loaded machine changes least) and exit status; kill_when() -> True kills it."""
+    figure a loaded machine changes least), each worker process's CPU seconds (polled from /proc,
+    largest first: the tokenizing workers, compared per row with the other tool's) and exit
+    status; kill_when() -> True kills it."""
     started = time.time()
+    workers: dict[int, float] = {}
     with log.open("w") as handle:
         child = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
         while True:
@@ -89,9 +117,13 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
                 child.kill()
                 pid, status, usage = os.wait4(child.pid, 0)
                 break
+            table = process_cpu_seconds()
+            for worker in descendants(child.pid, table):
+                workers[worker] = max(workers.get(worker, 0.0), table[worker][1])
             time.sleep(0.1)
     return {"seconds": round(time.time() - started, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "exit": os.waitstatus_to_exitcode(status)}
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "exit": os.waitstatus_to_exitcode(status),
+            "worker_cpu_seconds": sorted((round(cpu, 2) for cpu in workers.values() if cpu >= 1.0), reverse=True)}
 
 
 def tunesmith_run(data: Path, out: Path, cache: Path, workers: int, model: str, extra: dict | None = None,
