@@ -203,11 +203,12 @@ def code_fingerprint() -> str:
     import tunesmith.data.formats
     import tunesmith.data.preflight
     import tunesmith.template
+    import tunesmith.template_shapes
 
     h = hashlib.sha256(TOKENIZE_VERSION.encode())
     # chunks and store write the samples; preflight computes the per-sample facts stored with them.
-    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.data.encode, tunesmith.data.chunks,
-                   store, tunesmith.data.preflight):
+    for module in (tunesmith.data.formats, tunesmith.template, tunesmith.template_shapes, tunesmith.data.encode,
+                   tunesmith.data.chunks, store, tunesmith.data.preflight):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
