@@ -104,6 +104,10 @@ def test_templates_that_paste_contents_qualify(tokenizer):
     # An identity test tells equal role strings apart; a bare method prints its object's address.
     "{% for m in messages %}{% if m.role is sameas('user') %}U{% endif %}{{ m.content }}{% endfor %}",
     "{% for m in messages %}{{ m.role.upper }}{{ m.content }}{% endfor %}",
+    # Filters that return generators: their printed form holds an address too.
+    "{% for m in messages %}{{ [m.role] | unique }}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ [m.role] | reverse }}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ {'r': m.role} | items }}{{ m.content }}{% endfor %}",
 ])
 def test_templates_that_look_at_contents_are_rendered_by_the_template(source):
     """Each of these could print a content other than verbatim, or choose branches by it."""

@@ -53,9 +53,11 @@ _NODES = {nodes.Template, nodes.Output, nodes.TemplateData, nodes.For, nodes.If,
           nodes.And, nodes.Or, nodes.Not, nodes.Neg, nodes.Pos, nodes.CondExpr, nodes.Test, nodes.Filter, nodes.Call,
           nodes.Keyword, nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.NSRef}
 _CALLS = {"raise_exception", "namespace", "range"}
+# Filters that return a value, never an iterator (`reverse`, `unique`, `items` return generators,
+# whose printed form holds a memory address: a different text at every render).
 _FILTERS = {"length", "count", "first", "last", "trim", "upper", "lower", "capitalize", "title", "string", "tojson",
-            "join", "default", "d", "replace", "int", "float", "list", "indent", "abs", "round", "reverse", "sort",
-            "unique", "min", "max", "sum", "items", "dictsort", "wordcount", "e", "escape", "safe"}
+            "join", "default", "d", "replace", "int", "float", "list", "indent", "abs", "round", "sort", "min",
+            "max", "sum", "dictsort", "wordcount", "e", "escape", "safe"}
 _TESTS = {"defined", "undefined", "none", "string", "number", "integer", "float", "mapping", "iterable", "sequence",
           "boolean", "true", "false", "odd", "even", "lower", "upper", "divisibleby", "eq", "ne", "lt", "le", "gt",
           "ge", "in", "equalto"}
