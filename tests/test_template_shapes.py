@@ -174,16 +174,6 @@ def test_roles_holding_placeholder_text_do_not_turn_the_memo_off(tokenizer):
     assert _plain_renderer(tok, odd).shapes.enabled
 
 
-def test_roles_are_compared_by_value(tokenizer):
-    """Roles read from files are new string objects, never the interned literals of the probes."""
-    import json
-
-    tok = copy.deepcopy(tokenizer)
-    apply_template(tok, "chatml")
-    chat = json.loads('[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]')
-    assert render(chat, tok) == tok.apply_chat_template(chat, tokenize=False)
-
-
 def test_special_tokens_changed_in_place_are_seen(tokenizer):
     from tunesmith.data.chunks import DirectTokenizer
 

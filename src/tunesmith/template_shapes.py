@@ -65,9 +65,9 @@ _TYPE_TESTS = {"defined", "undefined", "none", "string", "number", "mapping", "i
 _SPECIAL_TOKENS = {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}
 _LOOP_ATTRS = {"index", "index0", "revindex", "revindex0", "first", "last", "length", "depth", "depth0"}
 _MESSAGE_KEYS = {"role", "content"}
+_IMPLICIT = {"self", "caller", "varargs", "kwargs"}  # names Jinja itself provides inside a template
 # Names the rules rely on: never bound again by the template.
-_PROTECTED = {"messages", "loop", "self", "caller", "varargs", "kwargs", "add_generation_prompt", "tools",
-              "documents"} | _SPECIAL_TOKENS
+_PROTECTED = {"messages", "loop", "add_generation_prompt", "tools", "documents"} | _IMPLICIT | _SPECIAL_TOKENS
 _TRUTH_PARENTS = (nodes.Not, nodes.And, nodes.Or)
 Parents = dict[nodes.Node, tuple[nodes.Node | None, str]]  # node -> (its parent, the parent's field holding it)
 
@@ -86,20 +86,27 @@ def contents_pasted_only(source: str, environment: Any) -> bool:
     kinds = _message_names(tree, set(environment.globals))
     if kinds is None:
         return False
-    check = _Check(parents, kinds, set(environment.globals) | {"self", "caller", "varargs", "kwargs"},
-                   _namespace_names(tree))
+    check = _Check(parents, kinds, set(environment.globals) | _IMPLICIT, _namespace_names(tree))
     return all(check.allowed(node) for node in parents)
+
+
+def _bindings(tree: nodes.Node) -> Iterator[tuple[str, nodes.Node, bool]]:
+    """(name, value, looped) for every name a `set` or a `for` binds: the assigned expression, or
+    the loop's iterable when looped. Namespace attributes (`set ns.x = ...`) are not names."""
+    for node in tree.find_all((nodes.Assign, nodes.For)):
+        value = node.node if isinstance(node, nodes.Assign) else node.iter
+        targets = [node.target] if isinstance(node.target, nodes.Name) else node.target.find_all(nodes.Name)
+        for target in targets:
+            yield target.name, value, isinstance(node, nodes.For)
 
 
 def _namespace_names(tree: nodes.Node) -> set[str]:
     """Names bound only ever to `namespace(...)`."""
     made, other = set(), set()
-    for node in tree.find_all((nodes.Assign, nodes.For)):
-        value = node.node if isinstance(node, nodes.Assign) else None
-        is_namespace = isinstance(value, nodes.Call) and isinstance(value.node, nodes.Name) and \
+    for name, value, looped in _bindings(tree):
+        is_namespace = not looped and isinstance(value, nodes.Call) and isinstance(value.node, nodes.Name) and \
             value.node.name == "namespace"
-        for target in node.target.find_all(nodes.Name) if not isinstance(node.target, nodes.Name) else [node.target]:
-            (made if is_namespace else other).add(target.name)
+        (made if is_namespace else other).add(name)
     return made - other
 
 
@@ -126,16 +133,10 @@ def _message_names(tree: nodes.Node, global_names: set[str]) -> dict[str, str] |
     """name -> 'list' (the message list or a slice of it) or 'message', for every name the
     template binds to one; None when such a name is also bound to anything else, or when a
     protected or global name is bound at all."""
-    bindings: list[tuple[str, nodes.Node, bool]] = []  # (name, value, bound as a for loop's single target)
-    for node in tree.find_all((nodes.Assign, nodes.For)):
-        if isinstance(node.target, nodes.NSRef):
-            continue  # a namespace attribute: a message or the list assigned to it is refused where used
-        value = node.node if isinstance(node, nodes.Assign) else node.iter
-        single = isinstance(node.target, nodes.Name)
-        for target in [node.target] if single else node.target.find_all(nodes.Name):
-            if target.name in _PROTECTED or target.name in global_names:
-                return None
-            bindings.append((target.name, value, isinstance(node, nodes.For) and single))
+    # A message or the list assigned to a namespace attribute is refused where it is used.
+    bindings = list(_bindings(tree))
+    if any(name in _PROTECTED or name in global_names for name, _, _ in bindings):
+        return None
 
     def kind_of(value: nodes.Node, looped: bool) -> str | None:
         kind = _kind(value, kinds)
