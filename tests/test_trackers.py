@@ -106,6 +106,10 @@ def test_wandb_offline_run_holds_config_metrics_and_plot(tmp_path, monkeypatch, 
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = train(tmp_path, tiny_model_dir, data_dir, "wandb")
+    # run.finish() returns before W&B's service has written out and closed the run's file; a
+    # command's exit waits for it (wandb's atexit teardown), and so does this test.
+    import wandb
+    wandb.teardown()
 
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
