@@ -105,6 +105,7 @@ def test_wandb_offline_run_holds_config_metrics_and_plot(tmp_path, monkeypatch, 
     monkeypatch.setenv("WANDB_PROJECT", "tiny-sums")
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # a service of this process's own, which teardown waits for
     out = train(tmp_path, tiny_model_dir, data_dir, "wandb")
     # run.finish() returns before W&B's service has written out and closed the run's file; a
     # command's exit waits for it (wandb's atexit teardown), and so does this test.
@@ -114,6 +115,7 @@ def test_wandb_offline_run_holds_config_metrics_and_plot(tmp_path, monkeypatch, 
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     records = read_wandb_records(run_dirs[0])
+    assert records and records[-1].WhichOneof("record_type") == "exit", "the run's file was read before it was complete"
     # The config comes in the run record, later changes in config records.
     config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") in ("run", "config")
               for item in (r.run.config.update if r.HasField("run") else r.config.update)}
