@@ -104,8 +104,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, kill_when: object = No
     """Run cmd; wall seconds, peak RSS (GiB), CPU seconds (the command and its reaped workers; the
     figure a loaded machine changes least), the CPU seconds of each worker process that used at
     least one (polled from /proc, largest first: the tokenizing workers, compared per row with the
-    other tool's) and exit
-    status; kill_when() -> True kills it."""
+    other tool's) and exit status; kill_when() -> True kills it."""
     started = time.time()
     workers: dict[int, float] = {}
     with log.open("w") as handle:

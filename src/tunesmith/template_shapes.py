@@ -41,8 +41,10 @@ from typing import Any
 
 from jinja2 import nodes
 
-# Placeholder contents: private-use characters. A conversation whose roles or contents hold one
-# is rendered by the template; a template that writes one itself fails its shapes' first check.
+# Placeholder contents: private-use characters. A conversation whose roles hold one is rendered
+# by the template (a role is written into the pieces, where it would read as a slot); contents
+# may hold them, since they are only ever joined in. A template that writes one itself fails its
+# shapes' first check.
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 MAX_SHAPES = 4096  # beyond this many shapes (very long, varied chats) new shapes are rendered directly
@@ -298,8 +300,7 @@ class ShapeMemo:
         `variant` names whatever else it reads (the tokenizer's special tokens), so that two
         tokenizers never share a shape. A generation flag that is not a bool (1, say) goes to the
         template, which may tell it from True."""
-        if not self.enabled or type(generation) is not bool or any(
-                _OPEN in m["content"] or _OPEN in m["role"] for m in messages):
+        if not self.enabled or type(generation) is not bool or any(_OPEN in m["role"] for m in messages):
             return direct(messages, generation)
         key = (variant, generation, *[m["role"] for m in messages])
         pieces = self._shapes.get(key)
